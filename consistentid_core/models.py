@@ -159,13 +159,19 @@ class FacialEncoder(nn.Module):
         batch, n_regions = parts.shape[:2]
         token_mask = token_mask.to(torch.bool)
         valid_mask = valid_mask.to(torch.bool)
-        n_tokens = int(token_mask.sum())
-        n_valid = int(valid_mask.sum())
-        if n_tokens != n_valid:
+        if valid_mask.shape != (batch, n_regions) or token_mask.shape != prompt_embeds.shape[:2]:
             raise ValueError(
-                f"FacialEncoder: {n_tokens} facial tokens are marked in the prompt but "
-                f"{n_valid} regions are valid; they must match one to one"
+                f"FacialEncoder: masks of shape {tuple(token_mask.shape)} / {tuple(valid_mask.shape)} do not fit "
+                f"prompt {tuple(prompt_embeds.shape)} and parts {tuple(parts.shape)}"
             )
+        per_row_tokens = token_mask.sum(dim=1)
+        per_row_valid = valid_mask.sum(dim=1)
+        if not torch.equal(per_row_tokens, per_row_valid):
+            raise ValueError(
+                f"FacialEncoder: {per_row_tokens.tolist()} facial tokens are marked in the prompt rows but "
+                f"{per_row_valid.tolist()} regions are valid; they must match one to one"
+            )
+        n_tokens = int(per_row_tokens.sum())
         out = prompt_embeds.clone()
         if n_tokens == 0:
             return out

@@ -1,0 +1,301 @@
+"""The one loader for every form of ConsistentID weights, and the safetensors writer.
+
+Accepted: the official nested ``.bin`` (torch pickle, read with ``weights_only=True`` so a crafted
+file cannot run code), the ID projection under ``image_proj`` or ``image_proj_model``, mixed
+fp32/bf16 tensors, flat files with ``FacialEncoder.`` / ``image_proj(_model).`` /
+``adapter_modules.`` prefixes (``unet.*`` training keys are ignored), and ``.safetensors``.
+Everything that goes wrong raises :class:`CheckpointError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+from .layers import layer_table
+from .models import FacialEncoder, ProjPlusModel, build_facial_encoder, build_image_proj
+
+FORMAT_NAME = "consistentid"
+FORMAT_VERSION = "1"
+ARCH_BY_WIDTH = {768: "sd15", 2048: "sdxl"}
+PROJ_KEYS = ("image_proj", "image_proj_model")
+FLAT_PREFIXES = ("FacialEncoder.", "image_proj_model.", "image_proj.", "adapter_modules.")
+IGNORED_PREFIXES = ("unet.",)
+# Prefixes that later format versions may add (the FlexID attribute branch); kept, not rejected.
+EXTRA_PREFIXES = ("attribute_",)
+_SHOW = 4
+
+
+@dataclass
+class ConsistentIDCheckpoint:
+    arch: str
+    facial_encoder: FacialEncoder
+    image_proj: ProjPlusModel
+    adapter: dict[int, dict[str, torch.Tensor]]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_processors(self) -> int:
+        return len(self.adapter)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path) if self.path else "<in memory>"
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, tensors in self.adapter.items() for k, v in tensors.items()}
+
+    def to(self, device=None, dtype=None) -> "ConsistentIDCheckpoint":
+        self.facial_encoder.to(device=device, dtype=dtype)
+        self.image_proj.to(device=device, dtype=dtype)
+        self.adapter = {i: {k: v.to(device=device, dtype=dtype) for k, v in t.items()} for i, t in self.adapter.items()}
+        self.extra = {k: v.to(device=device, dtype=dtype) for k, v in self.extra.items()}
+        return self
+
+
+def _fail(path: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{os.path.basename(path) or path}: {problem}")
+
+
+def _is_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < header_len < os.path.getsize(path)
+
+
+def _read_safetensors(path: str):
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return tensors, metadata, "safetensors"
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError variants
+        raise _fail(path, f"the safetensors file is truncated or corrupt ({exc}); download it again") from exc
+
+
+def _read_torch_pickle(path: str):
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80).
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise _fail(path, "not a weight file: it is neither a torch checkpoint nor safetensors")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise _fail(
+                path,
+                "refused to load: the file contains Python objects other than tensors. Official ConsistentID "
+                "files hold only tensors; this one is of another tool, or crafted to run code",
+            ) from exc
+        raise _fail(path, f"not a weight file: it is neither a torch checkpoint nor safetensors ({exc})") from exc
+    except Exception as exc:  # the weights-only unpickler raises many kinds on damaged input
+        raise _fail(path, f"not a readable torch checkpoint; it is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    return data, {}, "torch"
+
+
+def _read(path: str):
+    if not os.path.isfile(path):
+        raise _fail(path, f"file not found at {path}")
+    if os.path.getsize(path) == 0:
+        raise _fail(path, "the file is empty (0 bytes); the download was probably interrupted")
+    if _is_safetensors(path):
+        return _read_safetensors(path)
+    if path.endswith((".safetensors", ".sft")):
+        raise _fail(path, "has a .safetensors name but no valid safetensors header; it is truncated or corrupt")
+    return _read_torch_pickle(path)
+
+
+def _describe_foreign(keys) -> str:
+    keys = list(keys)
+    joined = " ".join(keys[:200])
+    if "ip_adapter" in keys:
+        return "this is an IP-Adapter checkpoint (keys 'image_proj', 'ip_adapter'); load it with an IP-Adapter node"
+    if "model.diffusion_model." in joined or "state_dict" in keys:
+        return "this is a Stable Diffusion model checkpoint; put it in models/checkpoints"
+    if "lora_unet_" in joined or "lora_te" in joined:
+        return "this is a LoRA; put it in models/loras"
+    return f"this is not a ConsistentID checkpoint (found keys such as {keys[:_SHOW]})"
+
+
+def _group(path: str, data) -> tuple[dict, dict, dict, dict]:
+    """Split the raw file contents into (facial_encoder, image_proj, adapter, extra) state dicts."""
+    if not isinstance(data, dict) or not data:
+        raise _fail(path, f"this is not a ConsistentID checkpoint (it holds a {type(data).__name__}, not a dict of weights)")
+    if "FacialEncoder" in data:
+        missing = [k for k in ("adapter_modules",) if k not in data]
+        proj_key = next((k for k in PROJ_KEYS if k in data), None)
+        if proj_key is None:
+            missing.insert(0, "image_proj (or image_proj_model)")
+        if missing:
+            raise _fail(path, f"the checkpoint lacks its {', '.join(missing)} part; the file is incomplete")
+        parts = (data["FacialEncoder"], data[proj_key], data["adapter_modules"])
+        for name, part in zip(("FacialEncoder", proj_key, "adapter_modules"), parts):
+            if not isinstance(part, dict):
+                raise _fail(path, f"its '{name}' entry is a {type(part).__name__}, expected a dict of tensors")
+        return dict(parts[0]), dict(parts[1]), dict(parts[2]), {}
+    if not all(isinstance(k, str) for k in data):
+        raise _fail(path, _describe_foreign(map(str, data)))
+    groups = {"FacialEncoder.": {}, "image_proj.": {}, "adapter_modules.": {}}
+    extra, unknown = {}, []
+    for key, value in data.items():
+        if key.startswith(IGNORED_PREFIXES):
+            continue
+        prefix = next((p for p in FLAT_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            (extra.__setitem__(key, value) if key.startswith(EXTRA_PREFIXES) else unknown.append(key))
+            continue
+        target = "image_proj." if prefix.startswith("image_proj") else prefix
+        groups[target][key[len(prefix):]] = value
+    if not any(groups.values()):
+        raise _fail(path, _describe_foreign(data.keys()))
+    if unknown:
+        raise _fail(path, f"unexpected keys {unknown[:_SHOW]} ({len(unknown)} in all); is this a ConsistentID file?")
+    empty = [p.rstrip(".") for p, g in groups.items() if not g]
+    if empty:
+        raise _fail(path, f"the checkpoint lacks its {', '.join(empty)} part; the file is incomplete")
+    return groups["FacialEncoder."], groups["image_proj."], groups["adapter_modules."], extra
+
+
+def _check_tensors(path, part, state):
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise _fail(path, f"{part} entries {bad[:_SHOW]} are not tensors")
+
+
+def _detect_arch(path, proj_state, facial_state) -> str:
+    norm = proj_state.get("norm.weight")
+    if norm is None:
+        raise _fail(path, "cannot tell the architecture: image_proj has no 'norm.weight'")
+    width = int(norm.shape[0])
+    arch = ARCH_BY_WIDTH.get(width)
+    if arch is None:
+        raise _fail(path, f"unknown architecture: cross-attention width {width} (ConsistentID knows 768 = SD1.5, 2048 = SDXL)")
+    fuse = facial_state.get("fuse_module.layer_norm.weight")
+    if fuse is not None and int(fuse.shape[0]) != width:
+        raise _fail(path, f"inconsistent file: FacialEncoder width {int(fuse.shape[0])} but image_proj width {width}")
+    return arch
+
+
+def _load_module(path, part, module, state, dtype):
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing keys {missing[:_SHOW]} ({len(missing)} in all)")
+        if unexpected:
+            detail.append(f"unexpected keys {unexpected[:_SHOW]} ({len(unexpected)} in all)")
+        raise _fail(path, f"{part} does not match the ConsistentID layout: " + "; ".join(detail))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise _fail(path, f"shape mismatch at {part}.{key}: file has {list(tensor.shape)}, expected {list(own[key].shape)}")
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    module.to(dtype).eval()
+    module.requires_grad_(False)
+
+
+def _expected_adapter_shapes(arch):
+    shapes = {}
+    for layer in layer_table(arch):
+        h, c, r = layer.hidden_size, layer.context_dim, 128
+        for name, (inp) in (("to_q_lora", h), ("to_k_lora", c), ("to_v_lora", c), ("to_out_lora", h)):
+            shapes[f"{layer.index}.{name}.down.weight"] = (r, inp)
+            shapes[f"{layer.index}.{name}.up.weight"] = (h, r)
+        if layer.is_cross_attention:
+            shapes[f"{layer.index}.to_k_ip.weight"] = (h, c)
+            shapes[f"{layer.index}.to_v_ip.weight"] = (h, c)
+    return shapes
+
+
+def _load_adapter(path, arch, state, dtype):
+    _check_tensors(path, "adapter_modules", state)
+    expected = _expected_adapter_shapes(arch)
+    indices = {k.split(".", 1)[0] for k in state}
+    if not all(i.isdigit() for i in indices):
+        raise _fail(path, f"adapter_modules keys must start with a processor index, found {sorted(indices)[:_SHOW]}")
+    count = 1 + max(int(i) for i in indices)
+    want = len(layer_table(arch))
+    if count != want:
+        raise _fail(path, f"adapter_modules has {count} processors; an {arch.upper()} ConsistentID file has {want}")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing keys {missing[:_SHOW]} ({len(missing)} in all)")
+        if unexpected:
+            detail.append(f"unexpected keys {unexpected[:_SHOW]} ({len(unexpected)} in all)")
+        raise _fail(path, "adapter_modules does not match the ConsistentID layout: " + "; ".join(detail))
+    adapter: dict[int, dict[str, torch.Tensor]] = {}
+    for key, shape in expected.items():
+        tensor = state[key]
+        if tuple(tensor.shape) != shape:
+            raise _fail(path, f"shape mismatch at adapter_modules.{key}: file has {list(tensor.shape)}, expected {list(shape)}")
+        index, name = key.split(".", 1)
+        adapter.setdefault(int(index), {})[name] = tensor.to(dtype).contiguous()
+    return adapter
+
+
+def load_checkpoint(path, device="cpu", dtype=None) -> ConsistentIDCheckpoint:
+    """Reads any supported form of ConsistentID weights; every tensor is cast to ``dtype`` (default fp32)."""
+    path = os.fspath(path)
+    dtype = dtype or torch.float32
+    data, metadata, source_format = _read(path)
+    facial_state, proj_state, adapter_state, extra = _group(path, data)
+    for part, state in (("FacialEncoder", facial_state), ("image_proj", proj_state)):
+        _check_tensors(path, part, state)
+    arch = _detect_arch(path, proj_state, facial_state)
+    if metadata.get("arch") and metadata["arch"] != arch:
+        raise _fail(path, f"metadata says {metadata['arch']} but the weights are {arch}")
+    facial = build_facial_encoder(arch)
+    proj = build_image_proj(arch)
+    _load_module(path, "FacialEncoder", facial, facial_state, dtype)
+    _load_module(path, "image_proj", proj, proj_state, dtype)
+    adapter = _load_adapter(path, arch, adapter_state, dtype)
+    meta = {"arch": arch, "source_format": source_format}
+    meta.update(metadata)
+    ckpt = ConsistentIDCheckpoint(arch, facial, proj, adapter, meta, path, {k: v.to(dtype) for k, v in extra.items()})
+    return ckpt.to(device=device)
+
+
+def checkpoint_state_dict(ckpt: ConsistentIDCheckpoint, proj_key: str = "image_proj") -> dict[str, torch.Tensor]:
+    """Flat official-prefix state dict (what :func:`save_checkpoint` writes)."""
+    flat = {f"FacialEncoder.{k}": v for k, v in ckpt.facial_encoder.state_dict().items()}
+    flat.update({f"{proj_key}.{k}": v for k, v in ckpt.image_proj.state_dict().items()})
+    flat.update({f"adapter_modules.{k}": v for k, v in ckpt.adapter_state_dict().items()})
+    flat.update(ckpt.extra)
+    return flat
+
+
+def save_checkpoint(ckpt: ConsistentIDCheckpoint, path, metadata: dict[str, str] | None = None) -> None:
+    """Writes ``.safetensors`` with the official key layout and (arch, format version) metadata."""
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise CheckpointError(f"{os.path.basename(path)}: save_checkpoint writes .safetensors only (no pickles)")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in checkpoint_state_dict(ckpt).items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "arch": ckpt.arch})
+    save_file(tensors, path, metadata=meta)
+
+
+def describe(ckpt: ConsistentIDCheckpoint) -> str:
+    counts = {
+        "FacialEncoder": sum(p.numel() for p in ckpt.facial_encoder.parameters()),
+        "image_proj": sum(p.numel() for p in ckpt.image_proj.parameters()),
+        "adapter_modules": sum(v.numel() for t in ckpt.adapter.values() for v in t.values()),
+    }
+    return json.dumps({"file": ckpt.name, "arch": ckpt.arch, "processors": ckpt.num_processors, "params": counts})
