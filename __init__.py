@@ -1,0 +1,16 @@
+"""ComfyUI entry point of the ConsistentID node pack (V3 schema).
+
+ComfyUI imports this folder as a package; the pack imports its own modules relatively so that
+its ``nodes`` sub-package never shadows ComfyUI's top-level ``nodes`` module.  The import of
+the node layer is deferred to ``comfy_entrypoint`` so that importing this file outside ComfyUI
+(pytest collects it as a package) does not need ComfyUI.
+"""
+
+
+async def comfy_entrypoint():
+    from .nodes.extension import ConsistentIDExtension
+
+    return ConsistentIDExtension()
+
+
+__all__ = ["comfy_entrypoint"]
