@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -299,3 +301,28 @@ def describe(ckpt: ConsistentIDCheckpoint) -> str:
         "adapter_modules": sum(v.numel() for t in ckpt.adapter.values() for v in t.values()),
     }
     return json.dumps({"file": ckpt.name, "arch": ckpt.arch, "processors": ckpt.num_processors, "params": counts})
+
+
+_cache: "OrderedDict[tuple, ConsistentIDCheckpoint]" = OrderedDict()
+_cache_lock = threading.Lock()
+CACHE_SIZE = 2
+
+
+def cached_checkpoint(path) -> ConsistentIDCheckpoint:
+    """:func:`load_checkpoint` on CPU in fp32, cached by (file, size, modification time).
+
+    Callers must treat the result as read-only: it is shared by every graph that uses the file.
+    """
+    real = os.path.realpath(os.fspath(path))
+    stat = os.stat(real) if os.path.exists(real) else None
+    key = (real, stat.st_size if stat else None, stat.st_mtime_ns if stat else None)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    ckpt = load_checkpoint(real)
+    with _cache_lock:
+        _cache[key] = ckpt
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return ckpt

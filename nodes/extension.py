@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-NODE_IDS: tuple[str, ...] = ()
+from .embeds_io import ConsistentIDCombineEmbeds, ConsistentIDLoadEmbeds, ConsistentIDSaveEmbeds
+from .encode import ConsistentIDEncodeFace, ConsistentIDFaceParse
+from .folders import register_model_folders
+from .loaders import ConsistentIDFaceAnalysisLoader, ConsistentIDFaceParserLoader, ConsistentIDModelLoader
 
-
-def node_classes() -> list[type[io.ComfyNode]]:
-    return []
+NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
+    ConsistentIDModelLoader,
+    ConsistentIDFaceAnalysisLoader,
+    ConsistentIDFaceParserLoader,
+    ConsistentIDFaceParse,
+    ConsistentIDEncodeFace,
+    ConsistentIDSaveEmbeds,
+    ConsistentIDLoadEmbeds,
+    ConsistentIDCombineEmbeds,
+)
+# Node ids are a permanent API: workflows saved by users refer to them.
+NODE_IDS: tuple[str, ...] = tuple(cls.__name__ for cls in NODE_CLASSES)
 
 
 class ConsistentIDExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_model_folders()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return node_classes()
+        # ComfyUI 0.3.64 never calls on_load, and the loaders list their folders in define_schema.
+        register_model_folders()
+        return list(NODE_CLASSES)

@@ -1,0 +1,167 @@
+"""Reference photo(s) -> FaceEmbeds: ArcFace ID, BiSeNet regions, CLIP ViT-H features.
+
+One reference goes through the official steps (spec §2.2-2.4): insightface on the photo, BiSeNet
+on the whole photo squashed to 512 (SD1.5) or 1280 (SDXL), the filled-contour regions with the
+first-of-pair selection, full-frame region images with bicubic mask edges, and the CLIP
+penultimate states of the photo and of each region.  Every reference of a batch and the
+unconditional zero image are encoded in one pass of the vision model.
+
+When a photo holds several faces, the regions are restricted to the chosen face (its box grown
+by half on every side); with a single face this changes nothing, so the official behaviour holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .clip_features import VisionEncoder, clip_pixel_values, encode_pixels, zero_pixel_values
+from .embeds import FaceEmbeds
+from .errors import FaceNotFoundError
+from .face_analysis import OFFICIAL_DET_SIZE, DetectedFace, detect_faces, parse_face_select, select_face, to_rgb_uint8
+from .parsing import MAX_REGIONS, PARSE_SIZE_SD15, PARSE_SIZE_SDXL, label_masks, parse_image, region_images, select_regions
+
+logger = logging.getLogger("consistentid")
+
+PARSE_SIZE = {"sd15": PARSE_SIZE_SD15, "sdxl": PARSE_SIZE_SDXL}
+ON_NO_FACE = ("error", "skip", "zeros")
+
+
+@dataclass
+class ReferenceAnalysis:
+    """What was found in one reference photo; also what the preview draws."""
+
+    source: str
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    faces: list[DetectedFace]
+    face_index: int | None  # None: no face found
+    det_size: int | None
+    label_map: np.ndarray  # parse resolution, uint8 labels
+    regions: dict[str, np.ndarray] = field(default_factory=dict)  # kept region masks, parse resolution
+
+    @property
+    def face(self) -> DetectedFace | None:
+        return None if self.face_index is None else self.faces[self.face_index]
+
+
+def _restrict_to_face(regions: dict, face: DetectedFace, image_hw, parse_size) -> dict:
+    h, w = image_hw
+    x1, y1, x2, y2 = face.bbox
+    grow_x, grow_y = (x2 - x1) * 0.5, (y2 - y1) * 0.5
+    sx, sy = parse_size / w, parse_size / h
+    box = np.zeros((parse_size, parse_size), dtype=np.uint8)
+    top, bottom = max(0, int((y1 - grow_y) * sy)), min(parse_size, int(np.ceil((y2 + grow_y) * sy)))
+    left, right = max(0, int((x1 - grow_x) * sx)), min(parse_size, int(np.ceil((x2 + grow_x) * sx)))
+    box[top:bottom, left:right] = 1
+    return {name: mask * box for name, mask in regions.items() if (mask * box).any()}
+
+
+def analyse_reference(
+    image,
+    analysis,
+    parser: torch.nn.Module,
+    arch: str,
+    face_select: str = "first",
+    color_order: str = "official",
+    source: str = "image",
+    det_size: int | None = None,
+) -> ReferenceAnalysis:
+    rgb = to_rgb_uint8(image)
+    how = parse_face_select(face_select)
+    faces, used_size = detect_faces(analysis, rgb, det_size or OFFICIAL_DET_SIZE[arch], color_order, arch)
+    index = None
+    if faces:
+        try:
+            index = select_face(faces, how)[0]
+        except FaceNotFoundError as exc:  # index:N beyond the faces found: treated like no face
+            logger.warning("%s: %s", source, exc)
+    parse_size = PARSE_SIZE[arch]
+    labels = parse_image(parser, Image.fromarray(rgb), parse_size)
+    regions = select_regions(label_masks(labels))
+    if index is not None and len(faces) > 1:
+        regions = _restrict_to_face(regions, faces[index], rgb.shape[:2], parse_size)
+        # Restriction can empty a region; keep the official order of what is left.
+    return ReferenceAnalysis(source, rgb, faces, index, used_size if faces else None, labels, regions)
+
+
+def _no_face(how: str, ref: ReferenceAnalysis, position: int, total: int, face_select: str) -> None:
+    where = f"image {position} of {total} ({ref.source})"
+    if how == "error":
+        found = f" ({len(ref.faces)} found, but face_select is {face_select})" if ref.faces else ""
+        raise FaceNotFoundError(
+            f"no face found in {where}{found}. Use a photo with a clearly visible face, or set on_no_face to "
+            "'skip' (drop it) or 'zeros' (the official behaviour: a zero identity embedding)"
+        )
+    if how == "zeros":
+        logger.warning("no face found in %s: using a zero identity embedding, as the official code does", where)
+    else:
+        logger.warning("no face found in %s: skipped", where)
+
+
+def encode_references(
+    images,
+    analysis,
+    parser: torch.nn.Module,
+    vision: VisionEncoder,
+    arch: str,
+    face_select: str = "first",
+    color_order: str = "official",
+    on_no_face: str = "error",
+    sources: list[str] | None = None,
+    checkpoint: str = "",
+    vision_name: str = "the CLIP vision model",
+) -> tuple[FaceEmbeds, list[ReferenceAnalysis]]:
+    """Encodes every reference photo; returns the embeds (one row per kept photo) and the analyses."""
+    if on_no_face not in ON_NO_FACE:
+        raise ValueError(f"on_no_face must be one of {ON_NO_FACE}, got {on_no_face!r}")
+    images = list(images)
+    sources = sources or [f"image {i}" for i in range(len(images))]
+    kept: list[ReferenceAnalysis] = []
+    for position, image in enumerate(images):
+        ref = analyse_reference(image, analysis, parser, arch, face_select, color_order, sources[position])
+        if ref.face is None:
+            _no_face(on_no_face, ref, position, len(images), face_select)
+            if on_no_face == "skip":
+                continue
+        kept.append(ref)
+    if not kept:
+        raise FaceNotFoundError(f"no face found in any of the {len(images)} reference images; nothing left to encode")
+
+    pixels, layout = [], []
+    for ref in kept:
+        photo = Image.fromarray(ref.image)
+        crops = region_images(photo, ref.regions)[:MAX_REGIONS]
+        layout.append((len(pixels), len(crops)))
+        pixels.append(clip_pixel_values(photo))
+        pixels.extend(clip_pixel_values(crop) for crop in crops)
+    batch = torch.cat([torch.stack(pixels), zero_pixel_values(1)])
+    features = encode_pixels(vision, batch, source=vision_name)
+    uncond = features[-1:]
+
+    region_embeds = uncond.unsqueeze(0).expand(len(kept), MAX_REGIONS, -1, -1).clone()
+    region_valid = torch.zeros(len(kept), MAX_REGIONS, dtype=torch.bool)
+    clip_embeds, id_embeds, names = [], [], []
+    for row, (ref, (start, count)) in enumerate(zip(kept, layout)):
+        clip_embeds.append(features[start])
+        region_embeds[row, :count] = features[start + 1 : start + 1 + count]
+        region_valid[row, :count] = True
+        names.append(list(ref.regions)[:count])
+        emb = ref.face.normed_embedding if ref.face is not None else None
+        id_embeds.append(torch.zeros(512) if emb is None else torch.from_numpy(np.asarray(emb, np.float32)))
+    embeds = FaceEmbeds(
+        arch=arch,
+        id_embeds=torch.stack(id_embeds),
+        clip_embeds=torch.stack(clip_embeds),
+        region_embeds=region_embeds,
+        region_valid=region_valid,
+        region_names=names,
+        uncond_clip_embeds=uncond,
+        sources=[ref.source for ref in kept],
+        checkpoint=checkpoint,
+        face_found=torch.tensor([ref.face is not None for ref in kept]),
+    )
+    return embeds, kept

@@ -1,0 +1,130 @@
+"""Save, load and combine ConsistentID embeds (safetensors in ComfyUI's output/input folders; no pickle)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..consistentid_core.embeds import COMBINE_METHODS, FaceEmbeds, load_embeds, resolve_inside, save_embeds
+from ..consistentid_core.errors import EmbedsError
+from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel
+
+logger = logging.getLogger("consistentid")
+
+EXTENSION = ".safetensors"
+NONE_FOUND = "(no embeds file in input/ or output/)"
+
+
+def _embeds_files() -> list[str]:
+    found = []
+    for label, base in (("input", folder_paths.get_input_directory()), ("output", folder_paths.get_output_directory())):
+        for root, _dirs, files in os.walk(base, followlinks=False):
+            for name in files:
+                if name.endswith(EXTENSION):
+                    rel = os.path.relpath(os.path.join(root, name), base).replace(os.sep, "/")
+                    found.append(f"{label}/{rel}")
+    return sorted(found) or [NONE_FOUND]
+
+
+def _base_dir(label: str) -> str:
+    if label == "input":
+        return folder_paths.get_input_directory()
+    if label == "output":
+        return folder_paths.get_output_directory()
+    raise EmbedsError(f"embeds file must start with 'input/' or 'output/', got {label!r}")
+
+
+class ConsistentIDSaveEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentIDSaveEmbeds",
+            display_name="Save ConsistentID Embeds",
+            category=CATEGORY,
+            description="Writes the embeds as .safetensors into ComfyUI's output folder (numbered, never overwritten).",
+            inputs=[
+                ConsistentIDEmbeds.Input("embeds"),
+                io.String.Input("filename_prefix", default="consistentid/embeds",
+                                tooltip="relative to the output folder; '..' and absolute paths are refused"),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, embeds, filename_prefix) -> io.NodeOutput:
+        out_dir = folder_paths.get_output_directory()
+        stem = resolve_inside(out_dir, filename_prefix)
+        folder, prefix = os.path.dirname(stem), os.path.basename(stem)
+        os.makedirs(folder, exist_ok=True)
+        taken = {n for n in os.listdir(folder)}
+        counter = 1
+        while f"{prefix}_{counter:05d}{EXTENSION}" in taken:
+            counter += 1
+        path = os.path.join(folder, f"{prefix}_{counter:05d}{EXTENSION}")
+        save_embeds(embeds, path)
+        rel = os.path.relpath(path, out_dir).replace(os.sep, "/")
+        logger.info("saved ConsistentID embeds to output/%s", rel)
+        return io.NodeOutput(ui={"text": [f"output/{rel}"]})
+
+
+class ConsistentIDLoadEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentIDLoadEmbeds",
+            display_name="Load ConsistentID Embeds",
+            category=CATEGORY,
+            description="Reads embeds saved by Save ConsistentID Embeds from the input or output folder.",
+            inputs=[
+                io.Combo.Input("embeds_file", options=_embeds_files()),
+                ConsistentIDModel.Input("consistentid", optional=True,
+                                        tooltip="when connected, embeds of the other architecture are refused here"),
+            ],
+            outputs=[ConsistentIDEmbeds.Output(display_name="embeds")],
+        )
+
+    @classmethod
+    def execute(cls, embeds_file, consistentid=None) -> io.NodeOutput:
+        if embeds_file == NONE_FOUND:
+            raise EmbedsError("no embeds file: save one with Save ConsistentID Embeds, or copy a .safetensors into input/")
+        label, _, rel = embeds_file.partition("/")
+        path = resolve_inside(_base_dir(label), rel)
+        expected = consistentid.arch if consistentid is not None else None
+        return io.NodeOutput(load_embeds(path, expected_arch=expected))
+
+    @classmethod
+    def fingerprint_inputs(cls, embeds_file, consistentid=None):
+        label, _, rel = embeds_file.partition("/")
+        try:
+            return os.path.getmtime(resolve_inside(_base_dir(label), rel))
+        except (EmbedsError, OSError):
+            return embeds_file
+
+
+class ConsistentIDCombineEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentIDCombineEmbeds",
+            display_name="Combine ConsistentID Embeds",
+            category=CATEGORY,
+            description="Joins embeds of several photos: concat keeps them as a batch, the others reduce to one identity.",
+            inputs=[
+                ConsistentIDEmbeds.Input("embeds_1"),
+                ConsistentIDEmbeds.Input("embeds_2"),
+                ConsistentIDEmbeds.Input("embeds_3", optional=True),
+                ConsistentIDEmbeds.Input("embeds_4", optional=True),
+                io.Combo.Input("method", options=["concat", *COMBINE_METHODS], default="average"),
+            ],
+            outputs=[ConsistentIDEmbeds.Output(display_name="embeds")],
+        )
+
+    @classmethod
+    def execute(cls, embeds_1, embeds_2, method, embeds_3=None, embeds_4=None) -> io.NodeOutput:
+        items = [e for e in (embeds_1, embeds_2, embeds_3, embeds_4) if e is not None]
+        joined = FaceEmbeds.concat(items)
+        return io.NodeOutput(joined if method == "concat" else joined.combine(method))
