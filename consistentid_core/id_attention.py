@@ -1,0 +1,158 @@
+"""The decoupled ID-token cross-attention as a per-block callable patch (framework-free).
+
+Every cross-attention layer adds ``weight * attention(q, k_ip, v_ip)`` to its text attention,
+where ``k_ip``/``v_ip`` are the layer's ``to_k_ip``/``to_v_ip`` applied to the 4 ID tokens of the
+row's identity (cond) or of the zero image (uncond).  Since the ID tokens do not change during
+sampling, ``k_ip``/``v_ip`` are projected once when the patch is built; a step then costs one
+extra attention over 4 keys per layer.
+
+The host (ComfyUI) supplies the attention kernel and calls the patch as
+``patch(q, k, v, extra_options) -> out`` with ``extra_options`` holding ``n_heads``,
+``cond_or_uncond``, ``sigmas`` and ``original_shape``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PromptError
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def sdpa_attention(q, k, v, heads, **_ignored):
+    """[B, N, heads*d] attention with PyTorch's kernel: the fallback outside a host."""
+    b, n, width = q.shape
+    d = width // heads
+    split = lambda t: t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, n, width)
+
+
+def rows_for_batch(cond_or_uncond, batch: int, cond_count: int) -> list[tuple[int, int]]:
+    """For every row of the attention batch: (0 = identity row / 1 = uncond row, identity index).
+
+    ComfyUI stacks chunks of equal size, one per entry of ``cond_or_uncond`` (0 cond, 1 uncond;
+    other values are conds of edit models).  One identity serves every row of a cond chunk;
+    ``cond_count`` identities serve a chunk of exactly that many rows, one each.
+    """
+    chunks = list(cond_or_uncond) or [0]
+    if batch % len(chunks):
+        raise PromptError(f"attention batch {batch} does not split into {len(chunks)} cond/uncond chunks")
+    per_chunk = batch // len(chunks)
+    if cond_count not in (1, per_chunk):
+        raise PromptError(
+            f"the latent batch has {per_chunk} images but the ConsistentID embeds hold {cond_count} identities; "
+            "use one identity (combine the embeds) or exactly one per image"
+        )
+    rows = []
+    for kind in chunks:
+        for i in range(per_chunk):
+            rows.append((1, 0) if kind == 1 else (0, i if cond_count > 1 else 0))
+    return rows
+
+
+def token_grid(original_shape, seq_len: int) -> tuple[int, int]:
+    """The (h, w) of the latent grid this attention runs on: the UNet halves with rounding up."""
+    h, w = int(original_shape[-2]), int(original_shape[-1])
+    for _ in range(8):
+        if h * w == seq_len:
+            return h, w
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    raise PromptError(f"cannot place {seq_len} attention tokens on a latent of {original_shape[-2]}x{original_shape[-1]}")
+
+
+def resample_mask(mask: torch.Tensor, original_shape, seq_len: int) -> torch.Tensor:
+    """MASK [M, H, W] in 0..1 -> [M, seq_len, 1] on this layer's token grid."""
+    h, w = token_grid(original_shape, seq_len)
+    resized = F.interpolate(mask[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
+    return resized.reshape(mask.shape[0], h * w, 1)
+
+
+@dataclass(frozen=True)
+class IDProjections:
+    """k_ip / v_ip of every cross-attention layer for the identity rows and the uncond row.
+
+    ``cond[key]`` is [N, 4, H] (N identities) and ``uncond[key]`` is [1, 4, H]; tensors are shared,
+    never written.  A per-(device, dtype) copy is made on first use.
+    """
+
+    cond_k: Mapping[object, torch.Tensor]
+    cond_v: Mapping[object, torch.Tensor]
+    uncond_k: Mapping[object, torch.Tensor]
+    uncond_v: Mapping[object, torch.Tensor]
+    _moved: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, to_k_ip: Mapping, to_v_ip: Mapping, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor):
+        with torch.no_grad():
+            proj = lambda w, t: (t.float() @ w.float().T).contiguous()  # noqa: E731
+            return cls(
+                {k: proj(w, cond_tokens) for k, w in to_k_ip.items()},
+                {k: proj(w, cond_tokens) for k, w in to_v_ip.items()},
+                {k: proj(w, uncond_tokens) for k, w in to_k_ip.items()},
+                {k: proj(w, uncond_tokens) for k, w in to_v_ip.items()},
+            )
+
+    @property
+    def identities(self) -> int:
+        return next(iter(self.cond_k.values())).shape[0]
+
+    def for_rows(self, key, rows, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cache_key = (key, str(device), dtype)
+        moved = self._moved.get(cache_key)
+        if moved is None:
+            moved = tuple(
+                t[key].to(device=device, dtype=dtype) for t in (self.cond_k, self.cond_v, self.uncond_k, self.uncond_v)
+            )
+            self._moved[cache_key] = moved
+        ck, cv, uk, uv = moved
+        k = torch.stack([uk[0] if kind == 1 else ck[i] for kind, i in rows])
+        v = torch.stack([uv[0] if kind == 1 else cv[i] for kind, i in rows])
+        return k, v
+
+    def warm(self, device=None, dtype=None) -> None:
+        """Prepares the copies for a device/dtype move announced by the host."""
+        for key in self.cond_k:
+            self.for_rows(key, [(1, 0)], device or "cpu", dtype or torch.float32)
+
+
+@dataclass(frozen=True)
+class IDPatchSettings:
+    weight: float = 1.0
+    sigma_start: float = float("inf")  # active while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
+    mask: torch.Tensor | None = None  # [M, H, W] in 0..1, or None
+
+    def active(self, sigma: float) -> bool:
+        return self.weight != 0 and self.sigma_end <= sigma <= self.sigma_start
+
+
+def current_sigma(extra_options) -> float | None:
+    sigmas = extra_options.get("sigmas")
+    if sigmas is None:
+        return None
+    return float(sigmas.detach().flatten()[0]) if torch.is_tensor(sigmas) else float(sigmas[0])
+
+
+def id_attention_delta(q, extra_options, key, projections: IDProjections, settings: IDPatchSettings, attention: AttentionFn):
+    """``weight * attention(q, k_ip, v_ip)`` for the rows of this batch, or None outside the window."""
+    sigma = current_sigma(extra_options)
+    if sigma is not None and not settings.active(sigma):
+        return None
+    if settings.weight == 0:
+        return None
+    rows = rows_for_batch(extra_options.get("cond_or_uncond", [0]), q.shape[0], projections.identities)
+    k_ip, v_ip = projections.for_rows(key, rows, q.device, q.dtype)
+    ip = attention(q, k_ip, v_ip, extra_options["n_heads"])
+    if settings.mask is not None:
+        mask = resample_mask(settings.mask, extra_options["original_shape"], q.shape[1]).to(q.device, q.dtype)
+        # A mask per latent image: row r of every cond/uncond chunk belongs to image r % chunk.
+        per_chunk = q.shape[0] // max(1, len(extra_options.get("cond_or_uncond", [0])))
+        ip = ip * mask[[(r % per_chunk) % mask.shape[0] for r in range(q.shape[0])]]
+    return settings.weight * ip
