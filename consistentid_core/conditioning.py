@@ -107,6 +107,11 @@ def build_conditioning(
     run = _Encoder(encode, weight_fn)
     second = (lambda text: plain_ids(text, tokenizer_2, (IMAGE_MARKER,))) if tokenizer_2 is not None else (lambda text: None)
 
+    negative_length = len(tokenizer(negative_prompt, truncation=False, verbose=False)["input_ids"])
+    if negative_length > 77:
+        logger.warning(
+            "the negative prompt is %d tokens; like the official pipeline, only its first 77 are used", negative_length
+        )
     negative, pooled_negative = run(negative_prompt, plain_ids(negative_prompt, tokenizer), second(negative_prompt))
     rows = {"text_only": [], "facial": [], "negative": [], "pooled_text_only": [], "pooled_facial": []}
     prompts = []
@@ -115,10 +120,10 @@ def build_conditioning(
         fp = build_facial_prompt(prompt, embeds.region_names[r], tokenizer, caption=caption, arch=arch)
         prompts.append(fp)
         if tokenizer_2 is None:
-            clean, pooled_facial = run(fp.text, fp.input_ids)
+            clean, pooled_facial = run(fp.text_only, fp.input_ids)
             text_only, pooled_text = run(fp.text_only, plain_ids(fp.text_only, tokenizer))
         else:
-            clean, pooled_facial = run(fp.text, fp.input_ids, second_encoder_ids(fp, tokenizer_2))
+            clean, pooled_facial = run(fp.text_only, fp.input_ids, second_encoder_ids(fp, tokenizer_2))
             text_only, pooled_text = run(prompt, plain_ids(prompt, tokenizer), second(prompt))
         slots = _region_slots(embeds, r, fp)
         rows["facial"].append(_fuse(facial_encoder, clean, embeds.region_embeds[r].float(), slots, fp))

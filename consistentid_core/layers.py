@@ -120,3 +120,6 @@ LORA_TARGETS: Sequence[tuple[str, str]] = (
     ("to_out_lora", "to_out.0"),
 )
 """(processor LoRA name, attention Linear it adds to) for every processor."""
+
+ARCH_LABEL = {"sd15": "SD1.5", "sdxl": "SDXL"}
+"""How an architecture is named in messages."""

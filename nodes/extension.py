@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .apply import ConsistentIDApplyModel
+from .conditioning import ConsistentIDConditioning
 from .embeds_io import ConsistentIDCombineEmbeds, ConsistentIDLoadEmbeds, ConsistentIDSaveEmbeds
 from .encode import ConsistentIDEncodeFace, ConsistentIDFaceParse
 from .folders import register_model_folders
 from .loaders import ConsistentIDFaceAnalysisLoader, ConsistentIDFaceParserLoader, ConsistentIDModelLoader
+from .one_node import ConsistentIDApply
+from .sampler import ConsistentIDKSampler, ConsistentIDMergeStep
 
 NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
     ConsistentIDModelLoader,
@@ -18,6 +22,11 @@ NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
     ConsistentIDSaveEmbeds,
     ConsistentIDLoadEmbeds,
     ConsistentIDCombineEmbeds,
+    ConsistentIDApplyModel,
+    ConsistentIDConditioning,
+    ConsistentIDKSampler,
+    ConsistentIDMergeStep,
+    ConsistentIDApply,
 )
 # Node ids are a permanent API: workflows saved by users refer to them.
 NODE_IDS: tuple[str, ...] = tuple(cls.__name__ for cls in NODE_CLASSES)

@@ -1,0 +1,152 @@
+"""ComfyUI side of the ConsistentID model patch: LoRA weight patches and the attn2 replace patches.
+
+A patch object is immutable once registered: ComfyUI deep-copies ``model_options`` on every
+clone, and the copy shares the projected ID keys/values (the only tensors the patch holds).
+IPAdapter-style packs call ``.add(callback, **kwargs)`` on whatever sits at a block key; that
+is honoured on the copy that belongs to the calling model only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from ..consistentid_core.layers import ARCH_LABEL
+from ..consistentid_core.errors import ArchitectureMismatchError, CheckpointError
+from ..consistentid_core.id_attention import IDPatchSettings, IDProjections, current_sigma, id_attention_delta
+from ..consistentid_core.layers import LORA_TARGETS, cross_attention_layers, layer_table
+
+logger = logging.getLogger("consistentid")
+
+CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
+
+
+def comfy_attention(q, k, v, heads, extra_options=None):
+    """ComfyUI's attention kernel; newer versions route through transformer_options (SageAttention etc.)."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    extra_options = extra_options or {}
+    precision = extra_options.get("attn_precision")
+    try:
+        return optimized_attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+    except TypeError:  # before the Sep 2025 signature change
+        return optimized_attention(q, k, v, heads, attn_precision=precision)
+
+
+class ConsistentIDAttn2Patch:
+    """One cross-attention block: the previous patch (or plain attention) plus the ID-token term."""
+
+    def __init__(self, key, projections: IDProjections, settings: IDPatchSettings, previous=None):
+        self.key = key
+        self.projections = projections
+        self.settings = settings
+        self.previous = previous
+        self.callbacks: tuple = ()
+
+    def __call__(self, q, k, v, extra_options):
+        if self.previous is not None:
+            out = self.previous(q, k, v, extra_options)
+        else:
+            out = comfy_attention(q, k, v, extra_options["n_heads"], extra_options)
+        attention = lambda q_, k_, v_, heads: comfy_attention(q_, k_, v_, heads, extra_options)  # noqa: E731
+        delta = id_attention_delta(q, extra_options, self.key, self.projections, self.settings, attention)
+        if delta is not None:
+            out = out + delta.to(out.dtype)
+        sigma = current_sigma(extra_options)
+        for callback, kwargs in self.callbacks:
+            start, end = kwargs.get("sigma_start", float("inf")), kwargs.get("sigma_end", 0.0)
+            if sigma is None or end <= sigma <= start:
+                out = out + callback(out, q, k, v, extra_options, **kwargs)
+        return out
+
+    def add(self, callback, **kwargs):
+        """IPAdapter's registration hook: its callback adds its term after ours."""
+        self.callbacks = self.callbacks + ((callback, kwargs),)
+
+    def __deepcopy__(self, memo):
+        clone = copy.copy(self)
+        clone.previous = copy.deepcopy(self.previous, memo)
+        return clone
+
+    def to(self, device_or_dtype):
+        if isinstance(device_or_dtype, torch.dtype):
+            self.projections.warm(dtype=device_or_dtype)
+        else:
+            self.projections.warm(device=device_or_dtype)
+        if self.previous is not None and hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device_or_dtype)
+        return self
+
+
+def model_arch(model) -> str | None:
+    """'sd15' / 'sdxl' from the UNet's cross-attention width, or None for other models."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+    width = config.get("context_dim")
+    return {768: "sd15", 2048: "sdxl"}.get(width)
+
+
+def check_model(model, ckpt) -> None:
+    arch = model_arch(model)
+    if arch != ckpt.arch:
+        found = ARCH_LABEL[arch] if arch else "a model ConsistentID does not support"
+        raise ArchitectureMismatchError(
+            f"{ckpt.name} is a ConsistentID file for {ARCH_LABEL[ckpt.arch]}, but the model is {found}. "
+            f"Load the {ARCH_LABEL[ckpt.arch]} base model, or the ConsistentID file made for this model"
+        )
+
+
+def lora_state(ckpt) -> dict[str, torch.Tensor]:
+    """The adapter LoRAs under diffusers processor names, the form comfy.lora.load_lora reads."""
+    state = {}
+    for layer in layer_table(ckpt.arch):
+        tensors = ckpt.adapter[layer.index]
+        for lora_name, _linear in LORA_TARGETS:
+            for part in ("down", "up"):
+                state[f"{layer.diffusers_name}.{lora_name}.{part}.weight"] = tensors[f"{lora_name}.{part}.weight"]
+    return state
+
+
+def add_lora_patches(model, ckpt, strength: float) -> int:
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(lora_state(ckpt), key_map, log_missing=False)
+    expected = 4 * len(layer_table(ckpt.arch))
+    if len(patches) != expected:
+        raise CheckpointError(
+            f"{ckpt.name}: only {len(patches)} of {expected} LoRA weights found a layer in this model; "
+            "the base model's attention layers differ from the UNet ConsistentID was trained on"
+        )
+    accepted = model.add_patches(patches, strength)
+    return len(accepted)
+
+
+def id_projections(ckpt, embeds) -> IDProjections:
+    """ID tokens of the identities (cond) and of the zero image (uncond), projected for every block."""
+    shortcut = ckpt.arch == "sdxl"  # the official SDXL pipeline uses the projection shortcut
+    proj = ckpt.image_proj
+    dtype = proj.norm.weight.dtype
+    with torch.no_grad():
+        cond = proj(embeds.id_embeds.to(dtype), embeds.clip_embeds.to(dtype), shortcut=shortcut)
+        uncond = proj(torch.zeros(1, 512, dtype=dtype), embeds.uncond_clip_embeds.to(dtype), shortcut=shortcut)
+    layers = cross_attention_layers(ckpt.arch)
+    to_k = {layer.comfy_block: ckpt.adapter[layer.index]["to_k_ip.weight"] for layer in layers}
+    to_v = {layer.comfy_block: ckpt.adapter[layer.index]["to_v_ip.weight"] for layer in layers}
+    return IDProjections.build(to_k, to_v, cond, uncond)
+
+
+def install_attn2_patches(model, ckpt, projections: IDProjections, settings: IDPatchSettings) -> int:
+    """Registers one patch per cross-attention block, wrapping whatever was registered there before."""
+    transformer_options = model.model_options.get("transformer_options", {})
+    existing = transformer_options.get("patches_replace", {}).get("attn2", {})
+    count = 0
+    for layer in cross_attention_layers(ckpt.arch):
+        name, number, index = layer.comfy_block
+        # ComfyUI looks up (block, id, index) first and (block, id) second: wrap either so it still runs.
+        previous = existing.get(layer.comfy_block, existing.get((name, number)))
+        patch = ConsistentIDAttn2Patch(layer.comfy_block, projections, settings, previous)
+        model.set_model_attn2_replace(patch, name, number, index)
+        count += 1
+    return count

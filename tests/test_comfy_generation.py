@@ -1,0 +1,240 @@
+"""ConsistentID generation inside a real ComfyUI: model patch, conditioning and the merge step.
+
+Runs only with COMFYUI_PATH set.  Uses random weights of the real SD1.5 shapes built in memory.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from comfy_harness import comfy_session, comfyui_path_or_skip
+from comfy_sd15 import comfy_model_from_diffusers, comfy_sd15_clip, consistentid_sd15, diffusers_sd15_unet, random_embeds
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    comfyui_path_or_skip()
+    return comfy_session(tmp_path_factory.mktemp("comfyui"))
+
+
+@pytest.fixture(scope="module")
+def unet_pair(comfy):
+    unet = diffusers_sd15_unet()
+    return unet, comfy_model_from_diffusers(unet)
+
+
+@pytest.fixture(scope="module")
+def ckpt(comfy, tmp_path_factory):
+    return consistentid_sd15(comfy, tmp_path_factory.mktemp("cid"))
+
+
+@pytest.fixture(scope="module")
+def embeds(comfy):
+    return random_embeds(comfy)
+
+
+@pytest.fixture(scope="module")
+def clip(comfy):
+    return comfy_sd15_clip()[0]
+
+
+def _apply(comfy, model, ckpt, embeds, **kwargs):
+    return comfy.pack_submodule("nodes.apply").apply_model(model, ckpt, embeds, **kwargs)
+
+
+def _attn2_patches(model):
+    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+
+
+def _forward(model, x, t, context, cond_or_uncond, sigmas=None):
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond)
+    if sigmas is not None:
+        options["sigmas"] = sigmas
+    with torch.no_grad():
+        return model.model.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
+
+
+def test_every_cross_attention_block_is_patched_once_per_forward(comfy, unet_pair, ckpt, embeds, monkeypatch):
+    _, model = unet_pair
+    patched = _apply(comfy, model, ckpt, embeds)
+    keys = sorted(_attn2_patches(patched))
+    assert len(keys) == 16 and ("middle", 0, 0) in keys
+    assert _attn2_patches(model) == {}, "the input model must stay unpatched"
+
+    patch_mod = comfy.pack_submodule("nodes.patch")
+    calls = []
+    original = patch_mod.id_attention_delta
+    monkeypatch.setattr(patch_mod, "id_attention_delta", lambda q, o, key, *a: calls.append(key) or original(q, o, key, *a))
+    _forward(patched, torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, 768), [0, 1])
+    assert sorted(calls) == keys
+
+
+def test_patched_comfy_unet_equals_diffusers_with_the_core_processors(comfy, unet_pair, ckpt, embeds):
+    from consistentid_core.attention import install_processors
+
+    unet, model = unet_pair
+    patched = _apply(comfy, model, ckpt, embeds)
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    t = torch.tensor([400, 400])
+    ours = _forward(patched, x, t, text, cond_or_uncond=[0, 1])
+
+    with torch.no_grad():
+        proj = ckpt.image_proj
+        id_cond = proj(embeds.id_embeds, embeds.clip_embeds)
+        id_uncond = proj(torch.zeros(1, 512), embeds.uncond_clip_embeds)
+        reference = copy.deepcopy(unet)
+        install_processors(reference, adapter_state=ckpt.adapter_state_dict())
+        context = torch.cat([text, torch.cat([id_cond, id_uncond])], dim=1)
+        expected = reference(x, t, encoder_hidden_states=context).sample
+        plain = unet(x, t, encoder_hidden_states=text).sample
+    rel = ((ours - expected).abs().max() / expected.abs().max()).item()
+    assert rel < 1e-3, rel
+    assert ((ours - plain).abs().max() / plain.abs().max()).item() > 1e-2  # the patch really changes the output
+
+
+def test_sigma_window_and_weight(comfy, unet_pair, ckpt, embeds):
+    _, model = unet_pair
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.randn(2, 77, 768)
+    lora_only = _forward(_apply(comfy, model, ckpt, embeds, weight=0.0), x, t, text, [0, 1])
+    late = _apply(comfy, model, ckpt, embeds, start_at=0.5, end_at=1.0)
+    sigma_early = torch.tensor([14.0, 14.0])  # before start_at: only the LoRA acts
+    assert torch.allclose(_forward(late, x, t, text, [0, 1], sigma_early), lora_only, atol=1e-5)
+    sigma_late = torch.tensor([0.5, 0.5])
+    assert not torch.allclose(_forward(late, x, t, text, [0, 1], sigma_late), lora_only, atol=1e-4)
+
+
+def test_existing_patches_are_wrapped_and_ipadapter_add_stays_on_its_clone(comfy, unet_pair, ckpt, embeds):
+    _, model = unet_pair
+    base = model.clone()
+    seen = []
+
+    def foreign(q, k, v, extra_options):
+        seen.append(1)
+        import comfy.ldm.modules.attention as attention
+
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    base.set_model_attn2_replace(foreign, "middle", 0, 0)
+    patched = _apply(comfy, base, ckpt, embeds)
+    assert _attn2_patches(patched)[("middle", 0, 0)].previous is not None
+    assert _attn2_patches(base)[("middle", 0, 0)] is foreign, "the upstream patch object is not replaced or mutated"
+    _forward(patched, torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 77, 768), [0, 1])
+    assert seen == [1]
+
+    # an IPAdapter node applied after ours clones the model and calls .add() on the object it finds
+    after = patched.clone()
+    target = _attn2_patches(after)[("input", 1, 0)]
+    target.add(lambda out, q, k, v, extra_options, **kw: torch.zeros_like(out), weight=1.0)
+    assert len(target.callbacks) == 1
+    assert _attn2_patches(patched)[("input", 1, 0)].callbacks == ()
+    assert target.projections is _attn2_patches(patched)[("input", 1, 0)].projections, "heavy tensors are shared"
+
+
+def test_reexecution_with_another_weight_never_accumulates(comfy, unet_pair, ckpt, embeds):
+    _, model = unet_pair
+    before = dict(model.patches)
+    for weight in (1.0, 0.5, 0.8):
+        patched = _apply(comfy, model, ckpt, embeds, weight=weight)
+        patches = _attn2_patches(patched)
+        assert len(patches) == 16 and all(p.previous is None for p in patches.values())
+        assert {p.settings.weight for p in patches.values()} == {weight}
+        assert len(patched.patches) == 128 and all(len(v) == 1 for v in patched.patches.values())
+    assert model.patches == before and _attn2_patches(model) == {}
+
+
+def test_patch_follows_device_and_dtype_moves(comfy, unet_pair, ckpt, embeds):
+    _, model = unet_pair
+    patched = _apply(comfy, model, ckpt, embeds)
+    patched.model_patches_to(torch.device("cpu"))
+    patched.model_patches_to(torch.float16)
+    patch = _attn2_patches(patched)[("input", 1, 0)]
+    q = torch.randn(2, 64, 320, dtype=torch.float16)
+    k, v = patch.projections.for_rows(patch.key, [(0, 0), (1, 0)], q.device, q.dtype)
+    assert k.dtype == torch.float16 and k.shape == (2, 4, 320)
+
+
+def test_architecture_and_range_errors(comfy, unet_pair, ckpt, embeds, clip):
+    errors = comfy.pack_submodule("consistentid_core.errors")
+    _, model = unet_pair
+    sdxl_embeds = random_embeds(comfy, arch="sdxl")
+    with pytest.raises(errors.ArchitectureMismatchError, match="made for SDXL but ConsistentID-v1.bin is SD1.5"):
+        _apply(comfy, model, ckpt, sdxl_embeds)
+
+    class FakeSDXL:
+        class model:
+            class model_config:
+                unet_config = {"context_dim": 2048}
+
+    with pytest.raises(errors.ArchitectureMismatchError, match="ConsistentID-v1.bin is a ConsistentID file for SD1.5, but the model is SDXL"):
+        _apply(comfy, FakeSDXL(), ckpt, embeds)
+    with pytest.raises(errors.PromptError, match="start_at"):
+        _apply(comfy, model, ckpt, embeds, start_at=0.8, end_at=0.2)
+    cond = comfy.pack_submodule("nodes.conditioning")
+    with pytest.raises(errors.PromptError, match="merge_at must be between 0 and 1"):
+        cond.consistentid_conditioning(clip, ckpt, embeds, "a man", "", merge_at=1.5)
+    sampler = comfy.pack_submodule("nodes.sampler")
+    with pytest.raises(errors.PromptError, match="merge_step must be between 0 and 3 for 4 steps, got 4"):
+        sampler.merge_at_for(model, "normal", 4, 4)
+
+
+def test_latent_batch_larger_than_the_embeds_batch(comfy, unet_pair, ckpt):
+    errors = comfy.pack_submodule("consistentid_core.errors")
+    _, model = unet_pair
+    two = random_embeds(comfy, n=2)
+    patched = _apply(comfy, model, ckpt, two)
+    _forward(patched, torch.randn(4, 4, 8, 8), torch.tensor([10] * 4), torch.randn(4, 77, 768), [0, 1])  # 2 images: fine
+    with pytest.raises(errors.PromptError, match="latent batch has 3 images but the ConsistentID embeds hold 2"):
+        _forward(patched, torch.randn(6, 4, 8, 8), torch.tensor([10] * 6), torch.randn(6, 77, 768), [0, 1])
+
+
+def test_conditioning_entries_and_the_negative(comfy, ckpt, embeds, clip, caplog):
+    cond = comfy.pack_submodule("nodes.conditioning")
+    long_negative = ", ".join(["ugly"] * 100)
+    with caplog.at_level(logging.WARNING, logger="consistentid"):
+        positive, negative = cond.consistentid_conditioning(clip, ckpt, embeds, "A man, in a forest", long_negative,
+                                                            merge_at=0.62)
+    assert [e[1]["consistentid_phase"] for e in positive] == ["text", "facial"]
+    assert positive[0][1]["end_percent"] == positive[1][1]["start_percent"] == 0.62
+    assert positive[0][0].shape == positive[1][0].shape == negative[0][0].shape == (1, 77, 768)
+    assert "negative prompt" in caplog.text and "77" in caplog.text
+    diff_rows = (positive[0][0] - positive[1][0]).abs().sum(-1)[0].nonzero().flatten().tolist()
+    assert len(diff_rows) == 5  # only the facial tokens differ between the two phases
+
+
+def test_merge_switch_happens_after_the_merge_step(comfy, unet_pair, ckpt, embeds, clip):
+    import comfy.samplers as samplers
+
+    sampler = comfy.pack_submodule("nodes.sampler")
+    cond_mod = comfy.pack_submodule("nodes.conditioning")
+    _, model = unet_pair
+    patched = _apply(comfy, model, ckpt, embeds)
+    positive, negative = cond_mod.consistentid_conditioning(clip, ckpt, embeds, "A man", "", merge_at=0.5)
+    facial = positive[1][0]
+    used = []
+
+    def spy(apply_model, args):
+        c = args["c"]["c_crossattn"]
+        rows = args["cond_or_uncond"]
+        for i, kind in enumerate(rows):
+            if kind == 0:
+                chunk = c[i * (c.shape[0] // len(rows))]
+                used.append("facial" if torch.allclose(chunk, facial[0]) else "text")
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    spied = patched.clone()
+    spied.set_model_unet_function_wrapper(spy)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    node = comfy.node_class("ConsistentIDKSampler")
+    node.execute(spied, 1, 6, 5.0, "euler", "normal", positive, negative, latent, 2, 1.0)
+    assert used == ["text"] * 3 + ["facial"] * 3
+    assert sampler.merge_at_for(model, "normal", 6, 2) == pytest.approx(
+        sampler.merge_at_for(model, "normal", 6, 2, 1.0, "euler"))
+    assert samplers  # imported for the side effect of resolving ComfyUI's module first
