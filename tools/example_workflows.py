@@ -1,0 +1,167 @@
+"""The example workflows, written once here in API form.
+
+``python tools/example_workflows.py`` writes ``tests/workflows/<name>_api.json`` (what the tests
+and ``tools/run_workflow.py`` run); ``tools/ui_workflows.py`` turns them into the UI-format files
+of ``example_workflows/`` that ComfyUI's frontend opens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_DIR = os.path.join(REPO, "tests", "workflows")
+
+SD15_CHECKPOINT = "realisticVisionV60B1_v51VAE.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SD15_WEIGHTS = "ConsistentID-v1.bin"
+SDXL_WEIGHTS = "ConsistentID_SDXL-v1.bin"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+PARSER = "consistentid/face_parsing.pth"
+PHOTO = "consistentid_reference.png"
+PHOTO_2 = "consistentid_reference_2.png"
+PROMPT = "cinematic photo, A man, in a forest, adventuring, 50mm photograph, half-length portrait, film, bokeh, professional, 4k, highly detailed"
+NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry"
+SDXL_NEGATIVE = "(worst quality, low quality, illustration, 3d, 2d, painting, cartoons, sketch), open mouth"
+
+
+def link(node: str, slot: int = 0):
+    return [node, slot]
+
+
+def node(class_type: str, title: str, **inputs):
+    return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+
+
+def face_encoder_nodes(weights: str, photo_node: str = "6") -> dict:
+    return {
+        "2": node("ConsistentIDModelLoader", "ConsistentID weights", consistentid_file=weights),
+        "3": node("CLIPVisionLoader", "CLIP ViT-H", clip_name=CLIP_VISION),
+        "4": node("ConsistentIDFaceAnalysisLoader", "InsightFace", model_name="buffalo_l", provider="auto"),
+        "5": node("ConsistentIDFaceParserLoader", "Face parser", parser_file=PARSER, device="auto"),
+        "7": node("ConsistentIDEncodeFace", "Encode face", consistentid=link("2"), clip_vision=link("3"),
+                  face_analysis=link("4"), face_parser=link("5"), image=link(photo_node), face_select="first",
+                  combine="average", on_no_face="error", color_order="official"),
+        "13": node("PreviewImage", "Face and regions used", images=link("7", 1)),
+    }
+
+
+def sampling_nodes(model, positive, negative, width, height, steps, cfg, seed, prefix) -> dict:
+    return {
+        "9": node("EmptyLatentImage", "Size", width=width, height=height, batch_size=1),
+        "10": node("KSampler", "KSampler", model=model, positive=positive, negative=negative, latent_image=link("9"),
+                   seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
+                   scheduler="normal", denoise=1.0),
+        "11": node("VAEDecode", "Decode", samples=link("10"), vae=link("1", 2)),
+        "12": node("SaveImage", "Portrait", images=link("11"), filename_prefix=prefix),
+    }
+
+
+def sd15_portrait() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
+        "6": node("LoadImage", "Reference photo", image=PHOTO),
+        **face_encoder_nodes(SD15_WEIGHTS),
+        "8": node("ConsistentIDApply", "Apply ConsistentID", model=link("1"), clip=link("1", 1), consistentid=link("2"),
+                  embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, weight=1.0, merge_at=0.61),
+    }
+    graph.update(sampling_nodes(link("8"), link("8", 1), link("8", 2), 512, 768, 50, 5.0, 2024, "ConsistentID/sd15"))
+    return graph
+
+
+def sd15_stock_ksampler() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
+        "6": node("LoadImage", "Reference photo", image=PHOTO),
+        **face_encoder_nodes(SD15_WEIGHTS),
+        "8": node("ConsistentIDApplyModel", "Apply ConsistentID model", model=link("1"), consistentid=link("2"),
+                  embeds=link("7"), weight=1.0, lora_strength=1.0, start_at=0.0, end_at=1.0),
+        "14": node("ConsistentIDMergeStep", "Merge step 30 of 50", model=link("8"), scheduler="normal", steps=50,
+                   merge_step=30, denoise=1.0),
+        "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
+                   embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, caption="auto", merge_at=link("14"),
+                   emphasis="literal (official)", custom_caption=""),
+    }
+    graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 512, 768, 50, 5.0, 2024, "ConsistentID/sd15_ksampler"))
+    return graph
+
+
+def sdxl_portrait() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", "SDXL checkpoint", ckpt_name=SDXL_CHECKPOINT),
+        "6": node("LoadImage", "Reference photo", image=PHOTO),
+        **face_encoder_nodes(SDXL_WEIGHTS),
+        "8": node("ConsistentIDApplyModel", "Apply ConsistentID model", model=link("1"), consistentid=link("2"),
+                  embeds=link("7"), weight=1.0, lora_strength=1.0, start_at=0.0, end_at=1.0),
+        "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
+                   embeds=link("7"), text="A woman wearing a santa hat", negative_text=SDXL_NEGATIVE, caption="auto",
+                   merge_at=0.61, emphasis="literal (official)", custom_caption=""),
+    }
+    graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 864, 1152, 50, 7.5, 222, "ConsistentID/sdxl"))
+    graph["10"]["class_type"] = "ConsistentIDKSampler"
+    graph["10"]["_meta"]["title"] = "KSampler (merge step 30)"
+    graph["10"]["inputs"]["merge_step"] = 30
+    return graph
+
+
+def save_embeds_from_several_photos() -> dict:
+    graph = {
+        "6": node("LoadImage", "Reference photo 1", image=PHOTO),
+        "16": node("LoadImage", "Reference photo 2", image=PHOTO_2),
+        **face_encoder_nodes(SD15_WEIGHTS, photo_node="18"),
+        "18": node("ImageBatch", "Both photos", image1=link("6"), image2=link("16")),
+        "19": node("ConsistentIDSaveEmbeds", "Save embeds", embeds=link("7"), filename_prefix="consistentid/my_person"),
+    }
+    return graph
+
+
+def portrait_from_saved_embeds() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
+        "2": node("ConsistentIDModelLoader", "ConsistentID weights", consistentid_file=SD15_WEIGHTS),
+        "7": node("ConsistentIDLoadEmbeds", "Saved embeds", embeds_file="output/consistentid/my_person_00001.safetensors",
+                  consistentid=link("2")),
+        "8": node("ConsistentIDApply", "Apply ConsistentID", model=link("1"), clip=link("1", 1), consistentid=link("2"),
+                  embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, weight=1.0, merge_at=0.61),
+    }
+    graph.update(sampling_nodes(link("8"), link("8", 1), link("8", 2), 512, 768, 50, 5.0, 2024, "ConsistentID/from_embeds"))
+    return graph
+
+
+def face_parse_preview() -> dict:
+    return {
+        "6": node("LoadImage", "Reference photo", image=PHOTO),
+        "5": node("ConsistentIDFaceParserLoader", "Face parser", parser_file=PARSER, device="auto"),
+        "20": node("ConsistentIDFaceParse", "Parse face", image=link("6"), face_parser=link("5"), resolution="sd15 (512)"),
+        "21": node("PreviewImage", "Parse overlay", images=link("20", 1)),
+        "22": node("MaskToImage", "Masks as images", mask=link("20")),
+        "23": node("PreviewImage", "Region masks (face, eye, ear, nose, lip)", images=link("22")),
+    }
+
+
+WORKFLOWS = {
+    "sd15_portrait": sd15_portrait,
+    "sd15_stock_ksampler_merge_step": sd15_stock_ksampler,
+    "sdxl_portrait": sdxl_portrait,
+    "several_photos_save_embeds": save_embeds_from_several_photos,
+    "portrait_from_saved_embeds": portrait_from_saved_embeds,
+    "face_parse_preview": face_parse_preview,
+}
+
+
+def write_api_workflows(folder: str = API_DIR) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name, build in WORKFLOWS.items():
+        path = os.path.join(folder, f"{name}_api.json")
+        with open(path, "w") as f:
+            json.dump(build(), f, indent=2)
+            f.write("\n")
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for written in write_api_workflows():
+        print(written)
