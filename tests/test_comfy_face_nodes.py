@@ -2,7 +2,7 @@
 bad input of the face-pipeline issue gets its message.
 
 Needs COMFYUI_PATH (see tests/comfy_harness.py); without it every test here is skipped.  The
-models are random-weight files with the real layouts (tests/comfy_models.py): CLIP ViT-H and
+models are random-weight files with the real layouts (tools/random_models.py): CLIP ViT-H and
 ViT-L vision towers, an official-layout SD1.5 ConsistentID file, facexlib's BiSeNet, and the
 buffalo_l stand-ins, whose detector finds saturated squares in the last channel of what it is
 fed.  With the SD1.5 "official" colour order insightface gets RGB, so the faces here are BLUE
@@ -30,13 +30,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import comfy_models
+from tools import random_models as comfy_models
 from comfy_harness import REPO_ROOT, comfy_session, comfyui_path_or_skip
 from consistentid_core.embeds import FaceEmbeds as CoreFaceEmbeds
 from consistentid_core.embeds import load_embeds as core_load_embeds
 from consistentid_core.embeds import save_embeds as core_save_embeds
 from face_standins import FixedParser, face_label_map
-from insightface_standins import red_square_image
+from tools.insightface_standins import red_square_image
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -621,7 +621,7 @@ sys.path.insert(0, tests_dir)
 sys.path.append(repo_root)
 import torch
 from comfy_harness import comfy_session
-from insightface_standins import make_buffalo_l
+from tools.insightface_standins import make_buffalo_l
 
 session = comfy_session(root)
 result = {"loaded": session.pack_loaded, "nodes": session.pack_node_ids(), "log": session.pack_load_log}

@@ -1,6 +1,6 @@
 """Face detection / ID embedding, run through the real insightface FaceAnalysis on stand-in models.
 
-The stand-ins (tests/insightface_standins.py) "detect" saturated red squares of side 32, 64 or
+The stand-ins (tools/insightface_standins.py) "detect" saturated red squares of side 32, 64 or
 128 px centred on the detector's anchor grid; see that module for the design.
 """
 
@@ -22,10 +22,7 @@ from consistentid_core.errors import (
     ModelFileError,
 )
 
-_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-if _TESTS_DIR not in sys.path:
-    sys.path.append(_TESTS_DIR)  # appended, like conftest does for the repo root
-import insightface_standins as standins  # noqa: E402
+import tools.insightface_standins as standins  # noqa: E402
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

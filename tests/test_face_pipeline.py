@@ -14,7 +14,7 @@ from consistentid_core.face_pipeline import encode_references
 from consistentid_core.parsing import label_masks, parse_image, region_images, select_regions
 from consistentid_core.preview import reference_preview
 from face_standins import FixedParser, PatchEncoder, face_label_map
-from insightface_standins import make_buffalo_l, red_square_image
+from tools.insightface_standins import make_buffalo_l, red_square_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -108,7 +108,8 @@ class ComfyHost:
         if not ok or node_errors:
             raise WorkflowError(_describe_validation(error, node_errors, prompt))
         executor = self.execution.PromptExecutor(self.server, cache_type=False)
-        executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
+        # The executor sends per-node events and errors only to a connected client.
+        executor.execute(prompt, prompt_id, extra_data={"client_id": "consistentid-run-workflow"}, execute_outputs=outputs)
         failure = next((data for event, data in self.server.messages if event == "execution_error"), None)
         if failure is not None:
             raise WorkflowError(

@@ -48,6 +48,13 @@ def parse_args(argv=None):
     return args
 
 
+def has_accelerator() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available())
+
+
 def load_workflow(name: str) -> dict:
     path = name if os.path.isfile(name) else os.path.join(WORKFLOW_DIR, f"{name}_api.json")
     if not os.path.isfile(path):
@@ -142,7 +149,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from comfy_host import ComfyHost, WorkflowError
 
-    host = ComfyHost(args.comfyui, cpu=args.cpu or args.smoke, base_directory=base, output_directory=os.path.abspath(args.out),
+    cpu = args.cpu or args.smoke or not has_accelerator()
+    host = ComfyHost(args.comfyui, cpu=cpu, base_directory=base, output_directory=os.path.abspath(args.out),
                      input_directory=input_dir, on_event=printer(titles))
     photo_name = None
     if args.smoke:

@@ -12,8 +12,8 @@ deleted.  Each builder then hard-links the cached file to the path it is given (
 link is impossible, e.g. across file systems).  Tests must treat placed files as read-only: a
 hard link shares its bytes with the cache.
 
-``sd15_checkpoint`` needs ComfyUI itself (it converts and saves through ComfyUI's own code), so
-it sets up the process-wide harness session; the other builders need only torch, safetensors,
+``sd15_checkpoint`` needs ComfyUI itself, already set up in this process (it converts and saves
+through ComfyUI's own code); the other builders need only torch, safetensors,
 transformers' config classes, facexlib and onnx.
 """
 
@@ -39,7 +39,7 @@ DEFAULT_CACHE = os.path.join("~", ".cache", "consistentid-test-models")
 VERSIONS = {
     "clip_vision_vit_h": "v1",
     "clip_vision_vit_l": "v1",
-    "consistentid_sd15": "v1",
+    "consistentid_sd15": "v2",
     "face_parser": "v1",
     "sd15_checkpoint": "v4",
 }
@@ -240,15 +240,32 @@ def clip_vision_vit_l(path) -> Path:
 
 # --- ConsistentID, face parser, insightface -----------------------------------------------------
 
+def random_consistentid_state(arch: str = "sd15", seed: int = 0) -> dict:
+    """The official nested layout {FacialEncoder, image_proj, adapter_modules}, built from the core's
+    own modules with their default initialisation and small non-zero LoRA ups, fp32."""
+    from consistentid_core.attention import build_processors
+    from consistentid_core.models import build_facial_encoder, build_image_proj
+
+    torch.manual_seed(seed)
+    adapter = torch.nn.ModuleList(build_processors(arch).values())
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            if name.endswith("up.weight"):
+                param.normal_(0, 1e-3)
+    return {
+        "FacialEncoder": build_facial_encoder(arch).state_dict(),
+        "image_proj": build_image_proj(arch).state_dict(),
+        "adapter_modules": adapter.state_dict(),
+    }
+
+
 def consistentid_checkpoint(path, arch: str = "sd15") -> Path:
     """An official-layout ConsistentID ``.bin`` (torch.save of the nested dict) with random weights."""
     if arch != "sd15":
-        raise ValueError(f"only the sd15 ConsistentID stand-in is built here, not {arch!r}")
+        raise ValueError(f"only the sd15 ConsistentID stand-in is cached here, not {arch!r}")
 
     def build(tmp: Path) -> None:
-        from spec_keys import random_official_state
-
-        torch.save(random_official_state("sd15", seed=0), str(tmp))
+        torch.save(random_consistentid_state(arch, seed=0), str(tmp))
 
     return place(cached_file("consistentid_sd15", ".bin", build), path)
 
@@ -271,7 +288,7 @@ def insightface_buffalo_l(folder) -> Path:
 
     They are a few kilobytes and built in milliseconds, so they are not cached.
     """
-    from insightface_standins import make_buffalo_l
+    from .insightface_standins import make_buffalo_l
 
     return Path(make_buffalo_l(str(folder)))
 
@@ -300,9 +317,6 @@ def sd15_component_states(seed: int = 0, dtype: torch.dtype = torch.float16) -> 
 
 
 def _write_sd15_checkpoint(tmp: Path, seed: int = 0) -> None:
-    from comfy_harness import comfy_session
-
-    comfy_session()  # ComfyUI's modules must be configured by the harness before they are imported
     import comfy.model_management
     import comfy.sd
 
@@ -332,7 +346,8 @@ def sd15_checkpoint(path) -> Path:
     in fp16; the text encoder with CLIP's 0.02 init), loaded into
     ComfyUI (``load_diffusion_model_state_dict``, ``load_text_encoder_state_dicts``, ``VAE``), which
     converts the diffusers names, and written with ``comfy.sd.save_checkpoint``, the function
-    behind ComfyUI's CheckpointSave node.  Needs ``COMFYUI_PATH``: it sets up the harness session.
+    behind ComfyUI's CheckpointSave node.  ComfyUI must already be set up in this process (the tests'
+    harness session, or tools/comfy_host.ComfyHost).
     The first build takes a few minutes on a 2-core CPU; later calls only link the cached file.
     """
     return place(cached_file("sd15_checkpoint", ".safetensors", _write_sd15_checkpoint), path)
