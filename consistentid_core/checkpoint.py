@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
-from .layers import layer_table
+from .layers import ARCH_LABEL, layer_table
 from .models import FacialEncoder, ProjPlusModel, build_facial_encoder, build_image_proj
 
 FORMAT_NAME = "consistentid"
@@ -191,10 +191,10 @@ def _detect_arch(path, proj_state, facial_state) -> str:
     return arch
 
 
-def _load_module(path, part, module, state, dtype):
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+def _check_layout(path, part, expected: dict, state: dict) -> None:
+    """Same keys (naming the first few that differ) and the same shapes as ``expected`` {key: shape}."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         detail = []
         if missing:
@@ -202,9 +202,13 @@ def _load_module(path, part, module, state, dtype):
         if unexpected:
             detail.append(f"unexpected keys {unexpected[:_SHOW]} ({len(unexpected)} in all)")
         raise _fail(path, f"{part} does not match the ConsistentID layout: " + "; ".join(detail))
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[key].shape):
-            raise _fail(path, f"shape mismatch at {part}.{key}: file has {list(tensor.shape)}, expected {list(own[key].shape)}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != tuple(shape):
+            raise _fail(path, f"shape mismatch at {part}.{key}: file has {list(state[key].shape)}, expected {list(shape)}")
+
+
+def _load_module(path, part, module, state, dtype):
+    _check_layout(path, part, {k: tuple(v.shape) for k, v in module.state_dict().items()}, state)
     module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     module.to(dtype).eval()
     module.requires_grad_(False)
@@ -214,7 +218,7 @@ def _expected_adapter_shapes(arch):
     shapes = {}
     for layer in layer_table(arch):
         h, c, r = layer.hidden_size, layer.context_dim, 128
-        for name, (inp) in (("to_q_lora", h), ("to_k_lora", c), ("to_v_lora", c), ("to_out_lora", h)):
+        for name, inp in (("to_q_lora", h), ("to_k_lora", c), ("to_v_lora", c), ("to_out_lora", h)):
             shapes[f"{layer.index}.{name}.down.weight"] = (r, inp)
             shapes[f"{layer.index}.{name}.up.weight"] = (h, r)
         if layer.is_cross_attention:
@@ -232,21 +236,11 @@ def _load_adapter(path, arch, state, dtype):
     count = 1 + max(int(i) for i in indices)
     want = len(layer_table(arch))
     if count != want:
-        raise _fail(path, f"adapter_modules has {count} processors; an {arch.upper()} ConsistentID file has {want}")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing keys {missing[:_SHOW]} ({len(missing)} in all)")
-        if unexpected:
-            detail.append(f"unexpected keys {unexpected[:_SHOW]} ({len(unexpected)} in all)")
-        raise _fail(path, "adapter_modules does not match the ConsistentID layout: " + "; ".join(detail))
+        raise _fail(path, f"adapter_modules has {count} processors; a {ARCH_LABEL[arch]} ConsistentID file has {want}")
+    _check_layout(path, "adapter_modules", expected, state)
     adapter: dict[int, dict[str, torch.Tensor]] = {}
-    for key, shape in expected.items():
+    for key in expected:
         tensor = state[key]
-        if tuple(tensor.shape) != shape:
-            raise _fail(path, f"shape mismatch at adapter_modules.{key}: file has {list(tensor.shape)}, expected {list(shape)}")
         index, name = key.split(".", 1)
         adapter.setdefault(int(index), {})[name] = tensor.to(dtype).contiguous()
     return adapter

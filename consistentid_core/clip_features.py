@@ -23,7 +23,7 @@ CLIP_TOKENS = 257
 CLIP_WIDTH = 1280
 VisionEncoder = Callable[[torch.Tensor], torch.Tensor]
 
-_KNOWN_WIDTHS = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H", 1664: "ViT-bigG"}
+KNOWN_WIDTHS = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H", 1664: "ViT-bigG"}
 
 
 def clip_pixel_values(image: Image.Image, size: int = CLIP_SIZE) -> torch.Tensor:
@@ -53,7 +53,7 @@ def check_vision_features(features: torch.Tensor, count: int, source: str = "the
         raise ModelFileError(f"{source} returned features of shape {list(features.shape)} for {count} images")
     tokens, width = int(features.shape[1]), int(features.shape[2])
     if (tokens, width) != (CLIP_TOKENS, CLIP_WIDTH):
-        kind = _KNOWN_WIDTHS.get(width, f"a {width}-wide encoder")
+        kind = KNOWN_WIDTHS.get(width, f"a {width}-wide encoder")
         raise ModelFileError(
             f"{source} is {kind} ({tokens} tokens x {width}); ConsistentID needs CLIP ViT-H/14 "
             f"({CLIP_TOKENS} x {CLIP_WIDTH}), e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors in models/clip_vision"

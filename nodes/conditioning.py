@@ -28,6 +28,17 @@ CAPTIONS = {
     "official SDXL": CAPTION_SDXL,
 }
 CAPTION_CHOICES = ["auto", *CAPTIONS, "custom"]
+DEFAULT_PROMPT = "A man, in a forest, adventuring"
+DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry"
+
+
+def prompt_inputs() -> list:
+    """The text and negative_text widgets, shared by the split and the one-box nodes."""
+    return [
+        io.String.Input("text", multiline=True, default=DEFAULT_PROMPT),
+        io.String.Input("negative_text", multiline=True, default=DEFAULT_NEGATIVE,
+                        tooltip="read literally as the official code does; only the first 77 tokens count"),
+    ]
 PHASE_KEY = "consistentid_phase"  # marks our entries so ConsistentIDKSampler can re-time them
 _second_tokenizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -136,9 +147,7 @@ class ConsistentIDConditioning(io.ComfyNode):
                 io.Clip.Input("clip"),
                 ConsistentIDModel.Input("consistentid"),
                 ConsistentIDEmbeds.Input("embeds"),
-                io.String.Input("text", multiline=True, default="A man, in a forest, adventuring"),
-                io.String.Input("negative_text", multiline=True,
-                                default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry"),
+                *prompt_inputs(),
                 io.Combo.Input("caption", options=CAPTION_CHOICES, default="auto",
                                tooltip="the facial caption appended to the prompt; auto = the official one for the model"),
                 io.Float.Input("merge_at", default=0.62, min=0.0, max=1.0, step=0.01,

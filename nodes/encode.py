@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..consistentid_core.clip_features import CLIP_WIDTH
+from ..consistentid_core.clip_features import CLIP_WIDTH, KNOWN_WIDTHS
 from ..consistentid_core.embeds import COMBINE_METHODS
 from ..consistentid_core.errors import ModelFileError
 from ..consistentid_core.face_analysis import to_rgb_uint8
@@ -32,8 +32,9 @@ def check_clip_vision(clip_vision) -> None:
     width = None if cls_embed is None else int(cls_embed.shape[0])
     layers = len(getattr(getattr(vision, "encoder", None), "layers", []))
     if width != CLIP_WIDTH or layers != 32:
+        kind = KNOWN_WIDTHS.get(width, "an unknown image encoder")
         raise ModelFileError(
-            f"the CLIP vision model given is not ViT-H/14 (width {width}, {layers} layers); ConsistentID needs "
+            f"the CLIP vision model given is {kind} (width {width}, {layers} layers), not ViT-H/14; ConsistentID needs "
             "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (the SD1.5 IP-Adapter image encoder) from models/clip_vision"
         )
 

@@ -33,8 +33,14 @@ def register_model_folders() -> None:
     _register(INSIGHTFACE, set())
 
 
+def is_parser_file(filename: str) -> bool:
+    base = os.path.basename(filename).lower()
+    return base in PARSER_FILE_NAMES or "pars" in base or "bisenet" in base
+
+
 def weight_files(name: str) -> list[str]:
-    return folder_paths.get_filename_list(name)
+    """Weight files of a folder, without the face parser that shares models/consistentid."""
+    return [f for f in folder_paths.get_filename_list(name) if not is_parser_file(f)]
 
 
 def parser_files() -> list[str]:
@@ -42,8 +48,7 @@ def parser_files() -> list[str]:
     choices = []
     for folder in (CONSISTENTID, FACEXLIB):
         for filename in folder_paths.get_filename_list(folder):
-            base = os.path.basename(filename).lower()
-            if base in PARSER_FILE_NAMES or "pars" in base or "bisenet" in base:
+            if is_parser_file(filename):
                 choices.append(f"{folder}/{filename}")
     return choices
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .apply import apply_model
-from .conditioning import consistentid_conditioning, resolve_caption
+from .conditioning import consistentid_conditioning, prompt_inputs, resolve_caption
 from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel
 
 
@@ -22,9 +22,7 @@ class ConsistentIDApply(io.ComfyNode):
                 io.Clip.Input("clip"),
                 ConsistentIDModel.Input("consistentid"),
                 ConsistentIDEmbeds.Input("embeds"),
-                io.String.Input("text", multiline=True, default="A man, in a forest, adventuring"),
-                io.String.Input("negative_text", multiline=True,
-                                default="monochrome, lowres, bad anatomy, worst quality, low quality, blurry"),
+                *prompt_inputs(),
                 io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05),
                 io.Float.Input("merge_at", default=0.62, min=0.0, max=1.0, step=0.01),
             ],

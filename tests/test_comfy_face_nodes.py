@@ -413,7 +413,7 @@ def test_too_small_or_too_large_images_are_refused_with_size_and_reason(models, 
 def test_a_clip_vision_model_that_is_not_vit_h_is_refused(models, loaded, errors):
     (vit_l,) = models.execute_node("CLIPVisionLoader", clip_name=VIT_L_FILE)
     with pytest.raises(errors.ModelFileError,
-                       match=r"not ViT-H/14 \(width 1024, 24 layers\); ConsistentID needs CLIP-ViT-H-14"):
+                       match=r"is ViT-L \(width 1024, 24 layers\), not ViT-H/14; ConsistentID needs CLIP-ViT-H-14"):
         encode(models, replace_clip(loaded, vit_l), as_image(blue_photo()))
 
 
@@ -532,8 +532,9 @@ def test_no_consistentid_file_lists_the_folders_searched_and_the_files_found(mod
 
 
 def test_a_file_that_is_not_consistentid_is_named(models, errors):
-    # models/consistentid also holds the face parser, so it is offered in the ConsistentID list too.
-    assert PARSER_FILE in schema_options(models, "ConsistentIDModelLoader", "consistentid_file")
+    # models/consistentid also holds the face parser; the ConsistentID list leaves it out, and an
+    # API prompt that names it anyway gets a message.
+    assert PARSER_FILE not in schema_options(models, "ConsistentIDModelLoader", "consistentid_file")
     with pytest.raises(errors.CheckpointError,
                        match=r"face_parsing.pth: this is not a ConsistentID checkpoint \(found keys such as "
                              r"\['cp.resnet.conv1.weight'"):

@@ -238,3 +238,29 @@ def test_merge_switch_happens_after_the_merge_step(comfy, unet_pair, ckpt, embed
     assert sampler.merge_at_for(model, "normal", 6, 2) == pytest.approx(
         sampler.merge_at_for(model, "normal", 6, 2, 1.0, "euler"))
     assert samplers  # imported for the side effect of resolving ComfyUI's module first
+
+
+def test_an_interrupt_during_sampling_leaves_nothing_patched(comfy, unet_pair, ckpt, embeds, clip):
+    import comfy.model_management as mm
+
+    _, model = unet_pair
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.randn(2, 77, 768)
+    baseline = _forward(model, x, t, text, [0, 1])
+    patched = _apply(comfy, model, ckpt, embeds)
+    positive, negative = comfy.pack_submodule("nodes.conditioning").consistentid_conditioning(clip, ckpt, embeds, "A man", "")
+    calls = []
+
+    def cancel_on_second_step(apply_model, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise mm.InterruptProcessingException()  # what ComfyUI raises when the user presses cancel
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    interrupted = patched.clone()
+    interrupted.set_model_unet_function_wrapper(cancel_on_second_step)
+    with pytest.raises(mm.InterruptProcessingException):
+        comfy.node_class("ConsistentIDKSampler").execute(interrupted, 1, 4, 5.0, "euler", "normal", positive, negative,
+                                                         {"samples": torch.zeros(1, 4, 8, 8)}, 1, 1.0)
+    assert len(calls) == 2
+    assert _attn2_patches(model) == {} and model.patches == {}
+    assert torch.allclose(_forward(model, x, t, text, [0, 1]), baseline, atol=1e-6), "weights were left patched"

@@ -93,6 +93,10 @@ class ComfyHost:
             raise RuntimeError("ComfyUI could not import the ConsistentID pack; see the log above")
 
     def _progress(self, value, total, preview_image=None, prompt_id=None, node_id=None):
+        import comfy.model_management
+
+        # As in ComfyUI's server: progress updates are where an interrupt request takes effect.
+        comfy.model_management.throw_exception_if_processing_interrupted()
         self.server.send_sync("progress", {"value": value, "max": total, "node": node_id})
 
     def full_path(self, folder: str, name: str) -> str | None:
