@@ -18,6 +18,7 @@ import torch
 from .embeds import FaceEmbeds
 from .errors import PromptError
 from .models import FacialEncoder
+from .region_control import RegionStrengths, blend_facial_tokens
 from .text import IMAGE_MARKER, MAX_REGIONS, FacialPrompt, build_facial_prompt, plain_ids, second_encoder_ids
 
 logger = logging.getLogger("consistentid")
@@ -91,6 +92,7 @@ def build_conditioning(
     caption: str,
     tokenizer_2=None,
     weight_fn: WeightFn | None = None,
+    strengths: RegionStrengths | None = None,
 ) -> ConditioningSet:
     """The official contexts for every identity row of ``embeds``.
 
@@ -98,6 +100,7 @@ def build_conditioning(
     clean ids.  SDXL (``tokenizer_2`` given, whose pad token must be "!"): text-only = the raw
     prompt; the bigG half sees the literal ``<|facial|>`` pieces (the official quirk).  The
     negative is fused with the zero-image region features at the positive's token positions.
+    ``strengths`` moves each fused token back toward its plain text token (FlexID-style control).
     """
     arch = embeds.arch
     if (arch == "sdxl") != (tokenizer_2 is not None):
@@ -126,8 +129,11 @@ def build_conditioning(
             clean, pooled_facial = run(fp.text_only, fp.input_ids, second_encoder_ids(fp, tokenizer_2))
             text_only, pooled_text = run(prompt, plain_ids(prompt, tokenizer), second(prompt))
         slots = _region_slots(embeds, r, fp)
-        rows["facial"].append(_fuse(facial_encoder, clean, embeds.region_embeds[r].float(), slots, fp))
-        rows["negative"].append(_fuse(facial_encoder, negative, uncond_regions.float(), slots, fp))
+        used = fp.num_facial_tokens
+        blend = lambda plain, fused: blend_facial_tokens(  # noqa: E731
+            plain, fused, fp.token_positions[:used], fp.parts[:used], strengths or RegionStrengths())
+        rows["facial"].append(blend(clean, _fuse(facial_encoder, clean, embeds.region_embeds[r].float(), slots, fp)))
+        rows["negative"].append(blend(negative, _fuse(facial_encoder, negative, uncond_regions.float(), slots, fp)))
         rows["text_only"].append(text_only)
         rows["pooled_text_only"].append(pooled_text)
         rows["pooled_facial"].append(pooled_facial)

@@ -18,7 +18,7 @@ from ..consistentid_core.layers import ARCH_LABEL
 from ..consistentid_core.errors import ArchitectureMismatchError, PromptError
 from ..consistentid_core.text import CAPTION_SD15, CAPTION_SD15_OLD, CAPTION_SDXL
 from .apply import check_embeds
-from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel
+from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel, RegionStrengthsType
 
 logger = logging.getLogger("consistentid")
 
@@ -96,7 +96,7 @@ def resolve_caption(choice: str, custom: str, arch: str) -> str:
 
 
 def consistentid_conditioning(clip, ckpt, embeds, text, negative_text, caption=CAPTION_SD15, merge_at=0.6,
-                              emphasis="literal (official)"):
+                              emphasis="literal (official)", strengths=None):
     """(positive, negative) CONDITIONING lists."""
     if not 0.0 <= merge_at <= 1.0:
         raise PromptError(f"merge_at must be between 0 and 1, got {merge_at}")
@@ -115,7 +115,7 @@ def consistentid_conditioning(clip, ckpt, embeds, text, negative_text, caption=C
         weight_fn = lambda t, which, ids: (weights_neg if t == negative else weights_pos)(t, which, ids)  # noqa: E731
     out = build_conditioning(
         ckpt.facial_encoder, embeds, prompt, negative, first, comfy_text_encoder(clip), caption,
-        tokenizer_2=second, weight_fn=weight_fn,
+        tokenizer_2=second, weight_fn=weight_fn, strengths=strengths,
     )
     for i, fp in enumerate(out.prompts):
         logger.info("facial prompt %d: %r (%d facial tokens)", i, fp.text, fp.num_facial_tokens)
@@ -156,13 +156,16 @@ class ConsistentIDConditioning(io.ComfyNode):
                                tooltip="literal: brackets are text, as the official code reads them; comfy: ComfyUI weights"),
                 io.String.Input("custom_caption", default="", optional=True,
                                 tooltip="used when caption is 'custom'; must name face, eyes, ears, nose, mouth"),
+                RegionStrengthsType.Input("region_strengths", optional=True,
+                                          tooltip="from ConsistentID Region Strengths; all 1.0 when not connected"),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )
 
     @classmethod
     def execute(cls, clip, consistentid, embeds, text, negative_text, caption, merge_at, emphasis,
-                custom_caption="") -> io.NodeOutput:
+                custom_caption="", region_strengths=None) -> io.NodeOutput:
         chosen = resolve_caption(caption, custom_caption, consistentid.arch)
-        positive, negative = consistentid_conditioning(clip, consistentid, embeds, text, negative_text, chosen, merge_at, emphasis)
+        positive, negative = consistentid_conditioning(clip, consistentid, embeds, text, negative_text, chosen, merge_at,
+                                                       emphasis, region_strengths)
         return io.NodeOutput(positive, negative)

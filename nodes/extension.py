@@ -11,6 +11,7 @@ from .encode import ConsistentIDEncodeFace, ConsistentIDFaceParse
 from .folders import register_model_folders
 from .loaders import ConsistentIDFaceAnalysisLoader, ConsistentIDFaceParserLoader, ConsistentIDModelLoader
 from .one_node import ConsistentIDApply
+from .region_control import ConsistentIDFaceKeypoints, ConsistentIDRegionMix, ConsistentIDRegionStrengths
 from .sampler import ConsistentIDKSampler, ConsistentIDMergeStep
 
 NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
@@ -27,6 +28,9 @@ NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
     ConsistentIDKSampler,
     ConsistentIDMergeStep,
     ConsistentIDApply,
+    ConsistentIDRegionMix,
+    ConsistentIDRegionStrengths,
+    ConsistentIDFaceKeypoints,
 )
 # Node ids are a permanent API: workflows saved by users refer to them.
 NODE_IDS: tuple[str, ...] = tuple(cls.__name__ for cls in NODE_CLASSES)

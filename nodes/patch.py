@@ -91,9 +91,12 @@ def check_model(model, ckpt) -> None:
     arch = model_arch(model)
     if arch != ckpt.arch:
         found = ARCH_LABEL[arch] if arch else "a model ConsistentID does not support"
+        # Files trained on another UNet layout (training module) load, but the patch knows only the two official ones.
+        made_for = ARCH_LABEL.get(ckpt.arch, "another base model (a custom UNet layout)")
+        base = f"the {made_for}" if ckpt.arch in ARCH_LABEL else "the"
         raise ArchitectureMismatchError(
-            f"{ckpt.name} is a ConsistentID file for {ARCH_LABEL[ckpt.arch]}, but the model is {found}. "
-            f"Load the {ARCH_LABEL[ckpt.arch]} base model, or the ConsistentID file made for this model"
+            f"{ckpt.name} is a ConsistentID file for {made_for}, but the model is {found}. "
+            f"Load {base} base model it was made for, or the ConsistentID file made for this model"
         )
 
 

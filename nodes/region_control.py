@@ -1,0 +1,88 @@
+"""FlexID-style control with the released weights: regions from other photos, per-region strengths, pose."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..consistentid_core.errors import FaceNotFoundError
+from ..consistentid_core.face_analysis import detect_faces, select_face, to_rgb_uint8
+from ..consistentid_core.keypoints import draw_face_keypoints
+from ..consistentid_core.region_control import RegionStrengths, mix_regions
+from .encode import COLOR_ORDER, FACE_SELECT
+from .images import image_batch_to_uint8, uint8_to_image_batch
+from .types import CATEGORY, ConsistentIDEmbeds, FaceAnalysis, RegionStrengthsType
+
+REGION_INPUTS = (("face", "face_shape_embeds"), ("eye", "eyes_embeds"), ("ear", "ears_embeds"),
+                 ("nose", "nose_embeds"), ("lip", "mouth_embeds"))
+
+
+class ConsistentIDRegionMix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentIDRegionMix",
+            display_name="ConsistentID Regions From Other Photos",
+            category=CATEGORY,
+            description="Keeps the identity of 'embeds' and takes each connected region (face shape, eyes, ears, "
+                        "nose, mouth) from the embeds of another photo.",
+            inputs=[ConsistentIDEmbeds.Input("embeds", tooltip="the identity photo")]
+            + [ConsistentIDEmbeds.Input(name, optional=True) for _group, name in REGION_INPUTS],
+            outputs=[ConsistentIDEmbeds.Output(display_name="embeds")],
+        )
+
+    @classmethod
+    def execute(cls, embeds, **regions) -> io.NodeOutput:
+        donors = {group: regions[name] for group, name in REGION_INPUTS if regions.get(name) is not None}
+        return io.NodeOutput(mix_regions(embeds, donors))
+
+
+class ConsistentIDRegionStrengths(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        slider = dict(default=1.0, min=0.0, max=1.0, step=0.05)
+        return io.Schema(
+            node_id="ConsistentIDRegionStrengths",
+            display_name="ConsistentID Region Strengths",
+            category=CATEGORY,
+            description="0 = the plain text token, 1 = the fused facial token; region_scale scales all five. "
+                        "The identity tokens have their own weight in Apply ConsistentID Model.",
+            inputs=[io.Float.Input(name, **slider) for name in ("face_shape", "eyes", "ears", "nose", "mouth",
+                                                                "region_scale")],
+            outputs=[RegionStrengthsType.Output(display_name="region_strengths")],
+        )
+
+    @classmethod
+    def execute(cls, face_shape, eyes, ears, nose, mouth, region_scale) -> io.NodeOutput:
+        per_group = {"face": face_shape, "eye": eyes, "ear": ears, "nose": nose, "lip": mouth}
+        return io.NodeOutput(RegionStrengths(per_group, region_scale))
+
+
+class ConsistentIDFaceKeypoints(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentIDFaceKeypoints",
+            display_name="Face Keypoints For ControlNet (ConsistentID)",
+            category=CATEGORY,
+            description="The 5 insightface keypoints of a pose photo drawn the way InstantID-style ControlNets expect; "
+                        "feed it to ComfyUI's Apply ControlNet.",
+            inputs=[
+                FaceAnalysis.Input("face_analysis"),
+                io.Image.Input("image", tooltip="the photo whose head pose you want"),
+                io.Combo.Input("face_select", options=FACE_SELECT, default="largest"),
+                io.Combo.Input("color_order", options=COLOR_ORDER, default="bgr"),
+            ],
+            outputs=[io.Image.Output(display_name="keypoints")],
+        )
+
+    @classmethod
+    def execute(cls, face_analysis, image, face_select, color_order) -> io.NodeOutput:
+        pictures = []
+        for index, array in enumerate(image_batch_to_uint8(image)):
+            rgb = to_rgb_uint8(array)
+            faces, _ = detect_faces(face_analysis, rgb, 640, color_order, "sd15")
+            if not faces:
+                raise FaceNotFoundError(f"no face found in pose image {index}: the keypoints need a visible face")
+            face = select_face(faces, face_select)[1]
+            pictures.append(draw_face_keypoints(face.kps, rgb.shape[1], rgb.shape[0]))
+        return io.NodeOutput(uint8_to_image_batch(pictures))
