@@ -39,3 +39,15 @@ class ArchitectureMismatchError(ConsistentIDError):
 
 class PromptError(ConsistentIDError):
     """A prompt or conditioning option is out of range or cannot be encoded."""
+
+
+class EvaluationError(ConsistentIDError):
+    """The evaluation (training/evaluate) got a missing folder or model, or inputs that do not match up."""
+
+
+class TrainingDataError(ConsistentIDError):
+    """A training data set (photos, manifest, label maps, ID embeddings, captions) is unusable."""
+
+
+class TrainingConfigError(ConsistentIDError):
+    """A training setting, base model or resource (memory) does not fit the training run."""
