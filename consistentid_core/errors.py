@@ -33,6 +33,10 @@ class InputImageError(ConsistentIDError):
     """A reference image has a shape, channel count or size the pipeline cannot use."""
 
 
+class FaceOptionError(InputImageError, ValueError):
+    """An option of the face step (face_select, colour order, det_size, provider, arch) is invalid."""
+
+
 class ArchitectureMismatchError(ConsistentIDError):
     """Parts made for SD1.5 and SDXL (or for different ConsistentID files) were combined."""
 

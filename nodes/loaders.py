@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..consistentid_core.checkpoint import cached_checkpoint, describe
 from ..consistentid_core.errors import ModelFileError
-from ..consistentid_core.face_analysis import find_insightface_model_dir, get_face_analysis, resolve_providers
+from ..consistentid_core.insightface_models import find_insightface_model_dir, get_face_analysis, resolve_providers
 from ..consistentid_core.face_parser import PARSER_FILE_NAMES, get_face_parser
 from . import folders
 from .types import CATEGORY, ConsistentIDModel, FaceAnalysis, FaceParser

@@ -596,8 +596,8 @@ def _block_imports(monkeypatch, package: str) -> None:
 
 def test_without_insightface_the_loader_says_what_to_install(models, errors, monkeypatch):
     comfy = models
-    face_analysis = comfy.pack_submodule("consistentid_core.face_analysis")
-    monkeypatch.setattr(face_analysis, "_CACHE", {})
+    models_module = comfy.pack_submodule("consistentid_core.insightface_models")
+    monkeypatch.setattr(models_module, "_CACHE", {})
     _block_imports(monkeypatch, "insightface")
     with pytest.raises(errors.MissingDependencyError,
                        match=r"insightface could not be imported .*; pip install insightface onnxruntime"):
