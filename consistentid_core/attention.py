@@ -8,7 +8,7 @@ inference in ComfyUI the LoRA is folded into the weights instead (:func:`fold_lo
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -95,14 +95,24 @@ class _LoRAProcessorBase(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _text_attention(self, attn, query_states, context, attention_mask):
+    def _text_attention(self, attn, query_states, context, attention_mask, recorder=None):
         batch = query_states.shape[0]
         mask = self._mask(attn, attention_mask, context.shape[1], batch)
         q = self._project(attn.to_q, self.to_q_lora, query_states)
         k = self._project(attn.to_k, self.to_k_lora, context)
         v = self._project(attn.to_v, self.to_v_lora, context)
-        q_heads = _heads(q, attn.heads)
-        out = F.scaled_dot_product_attention(q_heads, _heads(k, attn.heads), _heads(v, attn.heads), attn_mask=mask)
+        q_heads, k_heads, v_heads = _heads(q, attn.heads), _heads(k, attn.heads), _heads(v, attn.heads)
+        if recorder is None:
+            out = F.scaled_dot_product_attention(q_heads, k_heads, v_heads, attn_mask=mask)
+        else:
+            # SDPA never materialises the probabilities, so recording takes the explicit path; the
+            # softmax runs in fp32 because the localisation loss divides by each map's maximum.
+            scores = (q_heads @ k_heads.transpose(-1, -2)).float() * q_heads.shape[-1] ** -0.5
+            if mask is not None:
+                scores = scores + mask.float()
+            probs = scores.softmax(dim=-1)
+            recorder(probs)
+            out = probs.to(v_heads.dtype) @ v_heads
         return q_heads, _merge_heads(out).to(q.dtype)
 
 
@@ -126,7 +136,14 @@ class ConsistentIDIPAttnProcessor(_LoRAProcessorBase):
     """Cross-attention (attn2) processor: LoRA'd text attention plus ``scale`` x attention to the ID tokens.
 
     The context is the 77 text tokens followed by ``num_tokens`` ID tokens.
+
+    ``attention_recorder``: when set, it is called once per forward with the text-attention
+    probabilities ``softmax(q k^T / sqrt(d))`` [B, heads, pixels, text tokens] (fp32, part of the
+    autograd graph); training uses them for the facial localisation loss.  Left at None the
+    processor runs fused SDPA and its numbers are exactly those of the unrecorded path.
     """
+
+    attention_recorder: Callable[[torch.Tensor], None] | None = None
 
     def __init__(
         self,
@@ -154,7 +171,7 @@ class ConsistentIDIPAttnProcessor(_LoRAProcessorBase):
         id_tokens = encoder_hidden_states[:, -self.num_tokens :]
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
-        q_heads, out = self._text_attention(attn, hidden_states, text, attention_mask)
+        q_heads, out = self._text_attention(attn, hidden_states, text, attention_mask, self.attention_recorder)
         ip_k = _heads(self.to_k_ip(id_tokens.to(self.to_k_ip.weight.dtype)).to(q_heads.dtype), attn.heads)
         ip_v = _heads(self.to_v_ip(id_tokens.to(self.to_v_ip.weight.dtype)).to(q_heads.dtype), attn.heads)
         ip_out = _merge_heads(F.scaled_dot_product_attention(q_heads, ip_k, ip_v)).to(out.dtype)

@@ -5,6 +5,11 @@ file cannot run code), the ID projection under ``image_proj`` or ``image_proj_mo
 fp32/bf16 tensors, flat files with ``FacialEncoder.`` / ``image_proj(_model).`` /
 ``adapter_modules.`` prefixes (``unet.*`` training keys are ignored), and ``.safetensors``.
 Everything that goes wrong raises :class:`CheckpointError` naming the file and the problem.
+
+Files written by :func:`save_checkpoint` carry the UNet layout in their metadata (``unet_layout``),
+which is what lets a file trained for another base model (widths other than 768/2048) load: its
+modules are rebuilt from that layout.  Official files have no such metadata and are recognised by
+their width alone.
 """
 
 from __future__ import annotations
@@ -14,19 +19,21 @@ import os
 import pickle
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
-from .layers import ARCH_LABEL, layer_table
+from .layers import ARCH_LABEL, LAYOUTS, UNetLayout, layer_table
 from .models import FacialEncoder, ProjPlusModel, build_facial_encoder, build_image_proj
 
 FORMAT_NAME = "consistentid"
 FORMAT_VERSION = "1"
 ARCH_BY_WIDTH = {768: "sd15", 2048: "sdxl"}
+CUSTOM_ARCH = "custom"
+LAYOUT_METADATA_KEY = "unet_layout"
 PROJ_KEYS = ("image_proj", "image_proj_model")
 FLAT_PREFIXES = ("FacialEncoder.", "image_proj_model.", "image_proj.", "adapter_modules.")
 IGNORED_PREFIXES = ("unet.",)
@@ -44,6 +51,13 @@ class ConsistentIDCheckpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     path: str = ""
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: UNetLayout | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            if self.arch not in LAYOUTS:
+                raise CheckpointError(f"a {self.arch!r} ConsistentID checkpoint needs the UNet layout it was trained on")
+            self.layout = LAYOUTS[self.arch]
 
     @property
     def num_processors(self) -> int:
@@ -177,18 +191,52 @@ def _check_tensors(path, part, state):
         raise _fail(path, f"{part} entries {bad[:_SHOW]} are not tensors")
 
 
-def _detect_arch(path, proj_state, facial_state) -> str:
+def layout_metadata(layout: UNetLayout) -> str:
+    return json.dumps(asdict(layout), sort_keys=True)
+
+
+def _layout_from_metadata(path, metadata) -> UNetLayout | None:
+    text = metadata.get(LAYOUT_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        fields = json.loads(text)
+        layout = UNetLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        layer_table(layout)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise _fail(path, f"its {LAYOUT_METADATA_KEY} metadata is not a UNet layout ({exc}): {text[:200]}") from exc
+    return layout
+
+
+def _detect_arch(path, proj_state, facial_state, layout: UNetLayout | None) -> str:
     norm = proj_state.get("norm.weight")
     if norm is None:
         raise _fail(path, "cannot tell the architecture: image_proj has no 'norm.weight'")
     width = int(norm.shape[0])
-    arch = ARCH_BY_WIDTH.get(width)
+    if layout is not None:
+        if layout.cross_attention_dim != width:
+            raise _fail(path, f"its {LAYOUT_METADATA_KEY} metadata says cross-attention width "
+                              f"{layout.cross_attention_dim} but the weights are {width} wide")
+        arch = next((name for name, known in LAYOUTS.items() if known == layout), CUSTOM_ARCH)
+    else:
+        arch = ARCH_BY_WIDTH.get(width)
     if arch is None:
-        raise _fail(path, f"unknown architecture: cross-attention width {width} (ConsistentID knows 768 = SD1.5, 2048 = SDXL)")
+        raise _fail(path, f"unknown architecture: cross-attention width {width} (ConsistentID knows 768 = SD1.5, "
+                          f"2048 = SDXL; a file trained for another base model needs the {LAYOUT_METADATA_KEY} "
+                          "metadata that save_checkpoint writes)")
     fuse = facial_state.get("fuse_module.layer_norm.weight")
     if fuse is not None and int(fuse.shape[0]) != width:
         raise _fail(path, f"inconsistent file: FacialEncoder width {int(fuse.shape[0])} but image_proj width {width}")
     return arch
+
+
+def _build_modules(path, arch: str, width: int) -> tuple[FacialEncoder, ProjPlusModel]:
+    if arch in LAYOUTS:
+        return build_facial_encoder(arch), build_image_proj(arch)
+    # The perceiver of ProjPlusModel runs width // 64 heads of 64 channels.
+    if width % 64:
+        raise _fail(path, f"cross-attention width {width} is not a multiple of 64, which the ID projection needs")
+    return FacialEncoder(embedding_dim=1280, output_dim=width, embed_dim=width), ProjPlusModel(cross_attention_dim=width)
 
 
 def _check_layout(path, part, expected: dict, state: dict) -> None:
@@ -214,9 +262,9 @@ def _load_module(path, part, module, state, dtype):
     module.requires_grad_(False)
 
 
-def _expected_adapter_shapes(arch):
+def _expected_adapter_shapes(layout):
     shapes = {}
-    for layer in layer_table(arch):
+    for layer in layer_table(layout):
         h, c, r = layer.hidden_size, layer.context_dim, 128
         for name, inp in (("to_q_lora", h), ("to_k_lora", c), ("to_v_lora", c), ("to_out_lora", h)):
             shapes[f"{layer.index}.{name}.down.weight"] = (r, inp)
@@ -227,16 +275,17 @@ def _expected_adapter_shapes(arch):
     return shapes
 
 
-def _load_adapter(path, arch, state, dtype):
+def _load_adapter(path, arch, layout, state, dtype):
     _check_tensors(path, "adapter_modules", state)
-    expected = _expected_adapter_shapes(arch)
+    expected = _expected_adapter_shapes(layout)
     indices = {k.split(".", 1)[0] for k in state}
     if not all(i.isdigit() for i in indices):
         raise _fail(path, f"adapter_modules keys must start with a processor index, found {sorted(indices)[:_SHOW]}")
     count = 1 + max(int(i) for i in indices)
-    want = len(layer_table(arch))
+    want = len(layer_table(layout))
     if count != want:
-        raise _fail(path, f"adapter_modules has {count} processors; a {ARCH_LABEL[arch]} ConsistentID file has {want}")
+        label = ARCH_LABEL.get(arch, "file of this UNet layout")
+        raise _fail(path, f"adapter_modules has {count} processors; a {label} ConsistentID file has {want}")
     _check_layout(path, "adapter_modules", expected, state)
     adapter: dict[int, dict[str, torch.Tensor]] = {}
     for key in expected:
@@ -254,17 +303,19 @@ def load_checkpoint(path, device="cpu", dtype=None) -> ConsistentIDCheckpoint:
     facial_state, proj_state, adapter_state, extra = _group(path, data)
     for part, state in (("FacialEncoder", facial_state), ("image_proj", proj_state)):
         _check_tensors(path, part, state)
-    arch = _detect_arch(path, proj_state, facial_state)
+    layout = _layout_from_metadata(path, metadata)
+    arch = _detect_arch(path, proj_state, facial_state, layout)
     if metadata.get("arch") and metadata["arch"] != arch:
         raise _fail(path, f"metadata says {metadata['arch']} but the weights are {arch}")
-    facial = build_facial_encoder(arch)
-    proj = build_image_proj(arch)
+    layout = layout or LAYOUTS[arch]
+    facial, proj = _build_modules(path, arch, layout.cross_attention_dim)
     _load_module(path, "FacialEncoder", facial, facial_state, dtype)
     _load_module(path, "image_proj", proj, proj_state, dtype)
-    adapter = _load_adapter(path, arch, adapter_state, dtype)
+    adapter = _load_adapter(path, arch, layout, adapter_state, dtype)
     meta = {"arch": arch, "source_format": source_format}
     meta.update(metadata)
-    ckpt = ConsistentIDCheckpoint(arch, facial, proj, adapter, meta, path, {k: v.to(dtype) for k, v in extra.items()})
+    extra = {k: v.to(dtype) for k, v in extra.items()}
+    ckpt = ConsistentIDCheckpoint(arch, facial, proj, adapter, meta, path, extra, layout)
     return ckpt.to(device=device)
 
 
@@ -278,13 +329,14 @@ def checkpoint_state_dict(ckpt: ConsistentIDCheckpoint, proj_key: str = "image_p
 
 
 def save_checkpoint(ckpt: ConsistentIDCheckpoint, path, metadata: dict[str, str] | None = None) -> None:
-    """Writes ``.safetensors`` with the official key layout and (arch, format version) metadata."""
+    """Writes ``.safetensors`` with the official key layout and (arch, format version, UNet layout) metadata."""
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise CheckpointError(f"{os.path.basename(path)}: save_checkpoint writes .safetensors only (no pickles)")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in checkpoint_state_dict(ckpt).items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "arch": ckpt.arch})
+    meta[LAYOUT_METADATA_KEY] = layout_metadata(ckpt.layout)
     save_file(tensors, path, metadata=meta)
 
 

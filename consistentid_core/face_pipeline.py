@@ -21,6 +21,7 @@ from PIL import Image
 
 from .clip_features import VisionEncoder, clip_pixel_values, encode_pixels, zero_pixel_values
 from .embeds import FaceEmbeds
+from .encode_cache import CacheKey, EncodeCache, EncodedReference
 from .errors import FaceNotFoundError
 from .face_analysis import OFFICIAL_DET_SIZE, DetectedFace, detect_faces, parse_face_select, select_face, to_rgb_uint8
 from .parsing import MAX_REGIONS, PARSE_SIZE_SD15, PARSE_SIZE_SDXL, label_masks, parse_image, region_images, select_regions
@@ -114,54 +115,109 @@ def encode_references(
     sources: list[str] | None = None,
     checkpoint: str = "",
     vision_name: str = "the CLIP vision model",
+    cache: EncodeCache | None = None,
+    vision_model=None,
 ) -> tuple[FaceEmbeds, list[ReferenceAnalysis]]:
-    """Encodes every reference photo; returns the embeds (one row per kept photo) and the analyses."""
+    """Encodes every reference photo; returns the embeds (one row per kept photo) and the analyses.
+
+    With a ``cache``, photos encoded before with the same models and options are taken from it and
+    only the others go through insightface, the parser and the vision model.  ``vision`` is often
+    a fresh closure per call, so ``vision_model`` names the object whose identity keys the cache
+    (the host's CLIP vision model); without it the cache keys on ``vision`` itself.
+    """
     if on_no_face not in ON_NO_FACE:
         raise ValueError(f"on_no_face must be one of {ON_NO_FACE}, got {on_no_face!r}")
     images = list(images)
     sources = sources or [f"image {i}" for i in range(len(images))]
-    kept: list[ReferenceAnalysis] = []
+    models = (analysis, parser, vision if vision_model is None else vision_model)
+    options = (arch, face_select, color_order, on_no_face)
+
+    results: list[EncodedReference | ReferenceAnalysis] = []
+    keys: list[CacheKey | None] = []
     for position, image in enumerate(images):
-        ref = analyse_reference(image, analysis, parser, arch, face_select, color_order, sources[position])
+        key = cache.key(image, models, options) if cache is not None else None
+        hit = cache.get(key) if key is not None else None
+        if hit is not None:
+            ref = hit.analysis
+            results.append(hit.from_source(sources[position]))
+        else:
+            ref = analyse_reference(image, analysis, parser, arch, face_select, color_order, sources[position])
+            results.append(ref)
+        keys.append(None if hit is not None else key)
         if ref.face is None:
             _no_face(on_no_face, ref, position, len(images), face_select)
-            if on_no_face == "skip":
-                continue
-        kept.append(ref)
-    if not kept:
+    if cache is not None:
+        logger.info("face encoding: %d of %d photo(s) from the cache", sum(k is None for k in keys), len(images))
+
+    def keeps(result) -> bool:  # a cached result knows; a new one is dropped only when skipped for no face
+        if isinstance(result, EncodedReference):
+            return result.kept
+        return result.face is not None or on_no_face != "skip"
+
+    if not any(keeps(r) for r in results):
         raise FaceNotFoundError(f"no face found in any of the {len(images)} reference images; nothing left to encode")
 
+    uncond = cache.get_uncond(models[2]) if cache is not None else None
+    to_encode = [i for i, r in enumerate(results) if isinstance(r, ReferenceAnalysis) and keeps(r)]
+    if to_encode or uncond is None:
+        encoded, fresh_uncond = _encode_photos([results[i] for i in to_encode], vision, vision_name, uncond is None)
+        for i, enc in zip(to_encode, encoded):
+            results[i] = enc
+        if uncond is None:
+            uncond = fresh_uncond
+            if cache is not None:
+                cache.put_uncond(models[2], uncond)
+    for i, r in enumerate(results):
+        if isinstance(r, ReferenceAnalysis):  # dropped for having no face: remembered as such
+            results[i] = EncodedReference(r)
+        if keys[i] is not None:
+            cache.put(keys[i], results[i])
+
+    kept = [r for r in results if r.kept]
+    return _assemble(kept, uncond, arch, checkpoint), [r.analysis for r in kept]
+
+
+def _encode_photos(refs: list[ReferenceAnalysis], vision: VisionEncoder, vision_name: str, with_zero_image: bool):
+    """All photos, their regions and (when asked) the zero image in one pass of the vision model."""
     pixels, layout = [], []
-    for ref in kept:
+    for ref in refs:
         photo = Image.fromarray(ref.image)
         crops = region_images(photo, ref.regions)[:MAX_REGIONS]
         layout.append((len(pixels), len(crops)))
         pixels.append(clip_pixel_values(photo))
         pixels.extend(clip_pixel_values(crop) for crop in crops)
-    batch = torch.cat([torch.stack(pixels), zero_pixel_values(1)])
-    features = encode_pixels(vision, batch, source=vision_name)
-    uncond = features[-1:]
+    parts = ([torch.stack(pixels)] if pixels else []) + ([zero_pixel_values(1)] if with_zero_image else [])
+    features = encode_pixels(vision, torch.cat(parts), source=vision_name)
+    encoded = []
+    for ref, (start, count) in zip(refs, layout):
+        emb = ref.face.normed_embedding if ref.face is not None else None
+        encoded.append(EncodedReference(
+            analysis=ref,
+            id_embed=torch.zeros(512) if emb is None else torch.from_numpy(np.asarray(emb, np.float32)).clone(),
+            # Copies, not views: a view would keep the whole batch's features alive in the cache.
+            clip_embed=features[start].clone(),
+            region_embeds=features[start + 1 : start + 1 + count].clone(),
+            region_names=tuple(list(ref.regions)[:count]),
+        ))
+    return encoded, features[-1:].clone() if with_zero_image else None
 
+
+def _assemble(kept: list[EncodedReference], uncond: torch.Tensor, arch: str, checkpoint: str) -> FaceEmbeds:
     region_embeds = uncond.unsqueeze(0).expand(len(kept), MAX_REGIONS, -1, -1).clone()
     region_valid = torch.zeros(len(kept), MAX_REGIONS, dtype=torch.bool)
-    clip_embeds, id_embeds, names = [], [], []
-    for row, (ref, (start, count)) in enumerate(zip(kept, layout)):
-        clip_embeds.append(features[start])
-        region_embeds[row, :count] = features[start + 1 : start + 1 + count]
+    for row, enc in enumerate(kept):
+        count = enc.region_embeds.shape[0]
+        region_embeds[row, :count] = enc.region_embeds
         region_valid[row, :count] = True
-        names.append(list(ref.regions)[:count])
-        emb = ref.face.normed_embedding if ref.face is not None else None
-        id_embeds.append(torch.zeros(512) if emb is None else torch.from_numpy(np.asarray(emb, np.float32)))
-    embeds = FaceEmbeds(
+    return FaceEmbeds(
         arch=arch,
-        id_embeds=torch.stack(id_embeds),
-        clip_embeds=torch.stack(clip_embeds),
+        id_embeds=torch.stack([enc.id_embed for enc in kept]),
+        clip_embeds=torch.stack([enc.clip_embed for enc in kept]),
         region_embeds=region_embeds,
         region_valid=region_valid,
-        region_names=names,
-        uncond_clip_embeds=uncond,
-        sources=[ref.source for ref in kept],
+        region_names=[list(enc.region_names) for enc in kept],
+        uncond_clip_embeds=uncond.clone(),
+        sources=[enc.analysis.source for enc in kept],
         checkpoint=checkpoint,
-        face_found=torch.tensor([ref.face is not None for ref in kept]),
+        face_found=torch.tensor([enc.analysis.face is not None for enc in kept]),
     )
-    return embeds, kept

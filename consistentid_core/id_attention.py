@@ -79,7 +79,8 @@ class IDProjections:
     """k_ip / v_ip of every cross-attention layer for the identity rows and the uncond row.
 
     ``cond[key]`` is [N, 4, H] (N identities) and ``uncond[key]`` is [1, 4, H]; tensors are shared,
-    never written.  A per-(device, dtype) copy is made on first use.
+    never written.  A per-(device, dtype) copy is made on first use, and the [B, 4, H] keys/values
+    of a batch layout are built once and reused by every later step with the same layout.
     """
 
     cond_k: Mapping[object, torch.Tensor]
@@ -87,6 +88,11 @@ class IDProjections:
     uncond_k: Mapping[object, torch.Tensor]
     uncond_v: Mapping[object, torch.Tensor]
     _moved: dict = field(default_factory=dict, compare=False, repr=False)
+    _batches: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # Batch layouts kept per layer, device and dtype; a sampler uses one or two (cond+uncond, or
+    # a last lone cond), so the bound only guards against pathological callers.
+    MAX_LAYOUTS = 8
 
     @classmethod
     def build(cls, to_k_ip: Mapping, to_v_ip: Mapping, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor):
@@ -103,23 +109,35 @@ class IDProjections:
     def identities(self) -> int:
         return next(iter(self.cond_k.values())).shape[0]
 
-    def for_rows(self, key, rows, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cache_key = (key, str(device), dtype)
-        moved = self._moved.get(cache_key)
+    def _on(self, key, device, dtype) -> tuple[torch.Tensor, ...]:
+        where = (key, str(device), dtype)
+        moved = self._moved.get(where)
         if moved is None:
             moved = tuple(
                 t[key].to(device=device, dtype=dtype) for t in (self.cond_k, self.cond_v, self.uncond_k, self.uncond_v)
             )
-            self._moved[cache_key] = moved
-        ck, cv, uk, uv = moved
-        k = torch.stack([uk[0] if kind == 1 else ck[i] for kind, i in rows])
-        v = torch.stack([uv[0] if kind == 1 else cv[i] for kind, i in rows])
-        return k, v
+            self._moved[where] = moved
+        return moved
 
-    def warm(self, device=None, dtype=None) -> None:
-        """Prepares the copies for a device/dtype move announced by the host."""
-        for key in self.cond_k:
-            self.for_rows(key, [(1, 0)], device or "cpu", dtype or torch.float32)
+    def for_rows(self, key, rows, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = (key, str(device), dtype, tuple(rows))
+        batch = self._batches.get(layout)
+        if batch is None:
+            ck, cv, uk, uv = self._on(key, device, dtype)
+            batch = (
+                torch.stack([uk[0] if kind == 1 else ck[i] for kind, i in rows]),
+                torch.stack([uv[0] if kind == 1 else cv[i] for kind, i in rows]),
+            )
+            same_layer = [k for k in self._batches if k[:3] == layout[:3]]
+            if len(same_layer) >= self.MAX_LAYOUTS:
+                del self._batches[same_layer[0]]
+            self._batches[layout] = batch
+        return batch
+
+    def warm(self, device=None, dtype=None, keys=None) -> None:
+        """Prepares the copies for a device/dtype move announced by the host (of ``keys``, default all)."""
+        for key in self.cond_k if keys is None else keys:
+            self._on(key, device or "cpu", dtype or torch.float32)
 
 
 @dataclass(frozen=True)
@@ -128,31 +146,85 @@ class IDPatchSettings:
     sigma_start: float = float("inf")  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
     mask: torch.Tensor | None = None  # [M, H, W] in 0..1, or None
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def active(self, sigma: float) -> bool:
         return self.weight != 0 and self.sigma_end <= sigma <= self.sigma_start
+
+    @property
+    def whole_schedule(self) -> bool:
+        """True when every sigma is inside the window: the step's sigma need not be read at all."""
+        return self.sigma_start == float("inf") and self.sigma_end <= 0.0
+
+    def mask_rows(self, original_shape, seq_len: int, batch: int, chunks: int, device, dtype) -> torch.Tensor:
+        """The mask on this layer's token grid, one row per attention row: [batch, seq_len, 1].
+
+        The same few shapes come back in every step, so each is resampled once.
+        """
+        where = (tuple(int(s) for s in original_shape[-2:]), seq_len, batch, chunks, str(device), dtype)
+        rows = self._masks.get(where)
+        if rows is None:
+            mask = resample_mask(self.mask, original_shape, seq_len).to(device, dtype)
+            # A mask per latent image: row r of every cond/uncond chunk belongs to image r % chunk.
+            per_chunk = batch // max(1, chunks)
+            rows = mask[[(r % per_chunk) % mask.shape[0] for r in range(batch)]]
+            self._masks[where] = rows
+        return rows
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The in-place-change counter of a tensor, or None for inference tensors, which keep none
+    (they cannot be changed outside inference mode; samplers make a new sigma tensor per step)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+class _SigmaReader:
+    """``sigmas[0]`` as a float, read once per sigmas tensor.
+
+    Every cross-attention layer of a step gets the same ``sigmas`` tensor; reading it is a
+    device-to-host copy that waits for the GPU, so it is done for the first layer only.  The
+    tensor is held (it is tiny) so that its id cannot be reused while it is remembered, and an
+    in-place change shows in its version counter where it has one.
+    """
+
+    def __init__(self):
+        self._last: tuple | None = None
+
+    def __call__(self, sigmas) -> float:
+        last = self._last
+        version = tensor_version(sigmas)
+        if last is not None and last[0] is sigmas and last[1] == version:
+            return last[2]
+        value = float(sigmas.detach().flatten()[0])
+        self._last = (sigmas, version, value)
+        return value
+
+
+_read_sigma = _SigmaReader()
 
 
 def current_sigma(extra_options) -> float | None:
     sigmas = extra_options.get("sigmas")
     if sigmas is None:
         return None
-    return float(sigmas.detach().flatten()[0]) if torch.is_tensor(sigmas) else float(sigmas[0])
+    return _read_sigma(sigmas) if torch.is_tensor(sigmas) else float(sigmas[0])
 
 
 def id_attention_delta(q, extra_options, key, projections: IDProjections, settings: IDPatchSettings, attention: AttentionFn):
     """``weight * attention(q, k_ip, v_ip)`` for the rows of this batch, or None outside the window."""
-    sigma = current_sigma(extra_options)
-    if sigma is not None and not settings.active(sigma):
-        return None
     if settings.weight == 0:
         return None
+    if not settings.whole_schedule:
+        sigma = current_sigma(extra_options)
+        if sigma is not None and not settings.active(sigma):
+            return None
     rows = rows_for_batch(extra_options.get("cond_or_uncond", [0]), q.shape[0], projections.identities)
     k_ip, v_ip = projections.for_rows(key, rows, q.device, q.dtype)
     ip = attention(q, k_ip, v_ip, extra_options["n_heads"])
     if settings.mask is not None:
-        mask = resample_mask(settings.mask, extra_options["original_shape"], q.shape[1]).to(q.device, q.dtype)
-        # A mask per latent image: row r of every cond/uncond chunk belongs to image r % chunk.
-        per_chunk = q.shape[0] // max(1, len(extra_options.get("cond_or_uncond", [0])))
-        ip = ip * mask[[(r % per_chunk) % mask.shape[0] for r in range(q.shape[0])]]
+        chunks = len(extra_options.get("cond_or_uncond", [0]))
+        ip = ip * settings.mask_rows(extra_options["original_shape"], q.shape[1], q.shape[0], chunks, q.device, q.dtype)
     return settings.weight * ip

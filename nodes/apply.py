@@ -40,8 +40,10 @@ def apply_model(model, ckpt, embeds, weight=1.0, lora_strength=1.0, start_at=0.0
     sampling = patched.get_model_object("model_sampling")
     settings = IDPatchSettings(
         weight=float(weight),
-        sigma_start=float(sampling.percent_to_sigma(start_at)),
-        sigma_end=float(sampling.percent_to_sigma(end_at)),
+        # The full schedule is spelled as an open window, so that no step has to read its sigma
+        # (on a GPU a read waits for the device, in every cross-attention layer).
+        sigma_start=float("inf") if start_at <= 0.0 else float(sampling.percent_to_sigma(start_at)),
+        sigma_end=0.0 if end_at >= 1.0 else float(sampling.percent_to_sigma(end_at)),
         mask=None if attn_mask is None else attn_mask.detach().float().cpu(),
     )
     install_attn2_patches(patched, ckpt, id_projections(ckpt, embeds), settings)

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..consistentid_core.clip_features import CLIP_WIDTH, KNOWN_WIDTHS
 from ..consistentid_core.embeds import COMBINE_METHODS
+from ..consistentid_core.encode_cache import ENCODE_CACHE
 from ..consistentid_core.errors import ModelFileError
 from ..consistentid_core.face_analysis import to_rgb_uint8
 from ..consistentid_core.face_pipeline import ON_NO_FACE, PARSE_SIZE, encode_references
@@ -125,6 +126,7 @@ class ConsistentIDEncodeFace(io.ComfyNode):
             arrays, face_analysis, face_parser, comfy_vision_encoder(clip_vision), consistentid.arch,
             face_select=face_select, color_order=color_order, on_no_face=on_no_face, sources=sources,
             checkpoint=consistentid.name, vision_name="the CLIP vision model",
+            cache=ENCODE_CACHE, vision_model=clip_vision,
         )
         if embeds.num_references > 1:
             embeds = embeds.combine(combine)

@@ -2,6 +2,8 @@
 
 A patch object is immutable once registered: ComfyUI deep-copies ``model_options`` on every
 clone, and the copy shares the projected ID keys/values (the only tensors the patch holds).
+Re-running ConsistentIDApplyModel with the same checkpoint and embeds (a new weight, a new
+window) reuses the projections and the LoRA patch list of the previous run: see the memos below.
 IPAdapter-style packs call ``.add(callback, **kwargs)`` on whatever sits at a block key; that
 is honoured on the copy that belongs to the calling model only.
 """
@@ -15,12 +17,21 @@ import torch
 
 from ..consistentid_core.layers import ARCH_LABEL
 from ..consistentid_core.errors import ArchitectureMismatchError, CheckpointError
-from ..consistentid_core.id_attention import IDPatchSettings, IDProjections, current_sigma, id_attention_delta
+from ..consistentid_core.id_attention import (
+    IDPatchSettings, IDProjections, current_sigma, id_attention_delta, tensor_version,
+)
 from ..consistentid_core.layers import LORA_TARGETS, cross_attention_layers, layer_table
+from ..consistentid_core.memo import IdentityLRU
 
 logger = logging.getLogger("consistentid")
 
 CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
+
+# Both are derived from objects a graph keeps alive between runs (the checkpoint, the embeds'
+# tensors, the base model) and are small next to them: a few KiB of keys/values per identity and
+# layer, and a list of references to the checkpoint's own LoRA tensors.
+_PROJECTIONS = IdentityLRU("ID projections", max_entries=8)
+_LORA_PATCHES = IdentityLRU("LoRA patches", max_entries=4)
 
 
 def comfy_attention(q, k, v, heads, extra_options=None):
@@ -44,6 +55,7 @@ class ConsistentIDAttn2Patch:
         self.settings = settings
         self.previous = previous
         self.callbacks: tuple = ()
+        self.placement = ("cpu", torch.float32)  # where the host last said the model runs
 
     def __call__(self, q, k, v, extra_options):
         if self.previous is not None:
@@ -54,11 +66,12 @@ class ConsistentIDAttn2Patch:
         delta = id_attention_delta(q, extra_options, self.key, self.projections, self.settings, attention)
         if delta is not None:
             out = out + delta.to(out.dtype)
-        sigma = current_sigma(extra_options)
-        for callback, kwargs in self.callbacks:
-            start, end = kwargs.get("sigma_start", float("inf")), kwargs.get("sigma_end", 0.0)
-            if sigma is None or end <= sigma <= start:
-                out = out + callback(out, q, k, v, extra_options, **kwargs)
+        if self.callbacks:
+            sigma = current_sigma(extra_options)
+            for callback, kwargs in self.callbacks:
+                start, end = kwargs.get("sigma_start", float("inf")), kwargs.get("sigma_end", 0.0)
+                if sigma is None or end <= sigma <= start:
+                    out = out + callback(out, q, k, v, extra_options, **kwargs)
         return out
 
     def add(self, callback, **kwargs):
@@ -71,10 +84,15 @@ class ConsistentIDAttn2Patch:
         return clone
 
     def to(self, device_or_dtype):
+        device, dtype = self.placement
         if isinstance(device_or_dtype, torch.dtype):
-            self.projections.warm(dtype=device_or_dtype)
+            dtype = device_or_dtype
         else:
-            self.projections.warm(device=device_or_dtype)
+            device = device_or_dtype
+        self.placement = (device, dtype)
+        # This block's keys/values only: all blocks share one IDProjections, and the host moves
+        # every block on every load, clone release and offload.
+        self.projections.warm(device, dtype, keys=(self.key,))
         if self.previous is not None and hasattr(self.previous, "to"):
             self.previous = self.previous.to(device_or_dtype)
         return self
@@ -111,23 +129,50 @@ def lora_state(ckpt) -> dict[str, torch.Tensor]:
     return state
 
 
-def add_lora_patches(model, ckpt, strength: float) -> int:
+def lora_patches(model, ckpt) -> dict:
+    """ComfyUI's weight patches of the adapter LoRA for this base model, built once per (model, checkpoint).
+
+    They only reference the checkpoint's tensors; the strength is applied by ``add_patches``.
+    """
     import comfy.lora
 
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    patches = comfy.lora.load_lora(lora_state(ckpt), key_map, log_missing=False)
-    expected = 4 * len(layer_table(ckpt.arch))
-    if len(patches) != expected:
-        raise CheckpointError(
-            f"{ckpt.name}: only {len(patches)} of {expected} LoRA weights found a layer in this model; "
-            "the base model's attention layers differ from the UNet ConsistentID was trained on"
-        )
-    accepted = model.add_patches(patches, strength)
+    owners = (model.model, ckpt)
+    patches = _LORA_PATCHES.get(owners)
+    if patches is None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        patches = comfy.lora.load_lora(lora_state(ckpt), key_map, log_missing=False)
+        expected = 4 * len(layer_table(ckpt.arch))
+        if len(patches) != expected:
+            raise CheckpointError(
+                f"{ckpt.name}: only {len(patches)} of {expected} LoRA weights found a layer in this model; "
+                "the base model's attention layers differ from the UNet ConsistentID was trained on"
+            )
+        _LORA_PATCHES.put(owners, (), patches)
+    return patches
+
+
+def add_lora_patches(model, ckpt, strength: float) -> int:
+    accepted = model.add_patches(lora_patches(model, ckpt), strength)
     return len(accepted)
 
 
 def id_projections(ckpt, embeds) -> IDProjections:
-    """ID tokens of the identities (cond) and of the zero image (uncond), projected for every block."""
+    """ID tokens of the identities (cond) and of the zero image (uncond), projected for every block.
+
+    Memoised per (checkpoint, embeds tensors): a re-run with another weight or window reuses them,
+    which for SDXL saves a perceiver pass over 2 x 261 tokens at width 2048.
+    """
+    inputs = (embeds.id_embeds, embeds.clip_embeds, embeds.uncond_clip_embeds)
+    owners = (ckpt, ckpt.image_proj) + inputs
+    versions = tuple(tensor_version(t) for t in inputs)
+    cached = _PROJECTIONS.get(owners, versions)
+    if cached is None:
+        cached = _project_id_tokens(ckpt, embeds)
+        _PROJECTIONS.put(owners, versions, cached)
+    return cached
+
+
+def _project_id_tokens(ckpt, embeds) -> IDProjections:
     shortcut = ckpt.arch == "sdxl"  # the official SDXL pipeline uses the projection shortcut
     proj = ckpt.image_proj
     dtype = proj.norm.weight.dtype

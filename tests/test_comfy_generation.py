@@ -264,3 +264,35 @@ def test_an_interrupt_during_sampling_leaves_nothing_patched(comfy, unet_pair, c
     assert len(calls) == 2
     assert _attn2_patches(model) == {} and model.patches == {}
     assert torch.allclose(_forward(model, x, t, text, [0, 1]), baseline, atol=1e-6), "weights were left patched"
+
+
+def test_a_reexecution_reuses_the_projections_and_the_lora_patches(comfy, unet_pair, ckpt, embeds):
+    _, model = unet_pair
+    first = _apply(comfy, model, ckpt, embeds, weight=1.0)
+    again = _apply(comfy, model, ckpt, embeds, weight=0.4, start_at=0.2)
+    block = ("input", 1, 0)
+    assert _attn2_patches(again)[block].projections is _attn2_patches(first)[block].projections
+    key = next(iter(first.patches))
+    assert again.patches[key][0][1] is first.patches[key][0][1], "the LoRA adapters were built again"
+    assert again.patches[key][0][0] == 1.0 and _attn2_patches(again)[block].settings.weight == 0.4
+
+    other = random_embeds(comfy, seed=11)
+    fresh = _apply(comfy, model, ckpt, other)
+    assert _attn2_patches(fresh)[block].projections is not _attn2_patches(first)[block].projections
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.randn(2, 77, 768)
+    assert not torch.allclose(_forward(fresh, x, t, text, [0, 1]), _forward(first, x, t, text, [0, 1]), atol=1e-4)
+
+
+def test_a_device_move_touches_each_block_once(comfy, unet_pair, ckpt, embeds, monkeypatch):
+    _, model = unet_pair
+    patched = _apply(comfy, model, ckpt, embeds)
+    projections = _attn2_patches(patched)[("input", 1, 0)].projections
+    moved = []
+    original = type(projections)._on
+    monkeypatch.setattr(type(projections), "_on", lambda self, key, *a: moved.append(key) or original(self, key, *a))
+    patched.model_patches_to(torch.device("cpu"))
+    patched.model_patches_to(torch.bfloat16)
+    assert sorted(moved) == sorted(list(_attn2_patches(patched)) * 2)  # 16 blocks x 2 moves, not 16 x 16 x 2
+    patch = _attn2_patches(patched)[("input", 1, 0)]
+    assert patch.placement == (torch.device("cpu"), torch.bfloat16)
+    assert any(k[0] == ("input", 1, 0) and k[2] == torch.bfloat16 for k in projections._moved)

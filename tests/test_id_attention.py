@@ -86,6 +86,77 @@ def test_per_image_identities_and_masks():
     assert torch.count_nonzero(delta[2]) > 0
 
 
+def test_each_batch_layout_is_built_once_and_reused_by_later_steps():
+    proj, wk, wv, cond, uncond = _projections(identities=2)
+    k1, v1 = proj.for_rows("a", [(0, 0), (0, 1), (1, 0), (1, 0)], "cpu", torch.float32)
+    k2, v2 = proj.for_rows("a", [(0, 0), (0, 1), (1, 0), (1, 0)], "cpu", torch.float32)
+    assert k1 is k2 and v1 is v2  # no new tensors in a later step
+    assert torch.allclose(k1[1], cond[1] @ wk.T, atol=1e-5) and torch.allclose(v1[3], uncond[0] @ wv.T, atol=1e-5)
+    k3, _ = proj.for_rows("a", [(1, 0), (0, 0)], "cpu", torch.float32)
+    assert k3 is not k1 and torch.allclose(k3[0], uncond[0] @ wk.T, atol=1e-5)
+    half, _ = proj.for_rows("a", [(1, 0), (0, 0)], "cpu", torch.float16)
+    assert half.dtype == torch.float16
+    for n in range(2 * IDProjections.MAX_LAYOUTS):  # many odd layouts stay bounded per layer
+        proj.for_rows("a", [(0, 0)] * (n + 1), "cpu", torch.float32)
+    assert len([k for k in proj._batches if k[2] == torch.float32]) <= IDProjections.MAX_LAYOUTS
+
+
+def test_warm_moves_only_the_keys_asked_for():
+    gen = torch.Generator().manual_seed(0)
+    weights = {key: torch.randn(8, 4, generator=gen) for key in ("a", "b", "c")}
+    proj = IDProjections.build(weights, weights, torch.randn(1, 4, 4, generator=gen), torch.randn(1, 4, 4, generator=gen))
+    proj.warm("cpu", torch.float16, keys=("b",))
+    assert [key for key, _device, dtype in proj._moved if dtype == torch.float16] == ["b"]
+
+
+class _Unreadable:
+    """A sigmas stand-in that fails when read: proves a patch never looked at it."""
+
+    def detach(self):
+        raise AssertionError("the sigma was read")
+
+    def __getitem__(self, index):
+        raise AssertionError("the sigma was read")
+
+
+def test_the_whole_schedule_never_reads_the_sigma():
+    proj = _projections()[0]
+    q = torch.randn(2, 16, 64)
+    opts = {"n_heads": 4, "cond_or_uncond": [0, 1], "sigmas": _Unreadable()}
+    assert IDPatchSettings().whole_schedule
+    assert id_attention_delta(q, opts, "a", proj, IDPatchSettings(weight=0.5), sdpa_attention) is not None
+    with pytest.raises(AssertionError, match="the sigma was read"):
+        id_attention_delta(q, opts, "a", proj, IDPatchSettings(sigma_start=10.0), sdpa_attention)
+
+
+def test_the_sigma_of_a_step_is_read_once_and_follows_changes():
+    from consistentid_core.id_attention import current_sigma
+
+    sigmas = torch.tensor([3.0, 3.0])
+    assert current_sigma({"sigmas": sigmas}) == 3.0
+    sigmas.fill_(2.0)  # an in-place change bumps the version counter
+    assert current_sigma({"sigmas": sigmas}) == 2.0
+    assert current_sigma({"sigmas": torch.tensor([1.5])}) == 1.5
+    with torch.inference_mode():
+        frozen = torch.tensor([0.25])
+        assert current_sigma({"sigmas": frozen}) == current_sigma({"sigmas": frozen}) == 0.25
+    assert current_sigma({"sigmas": [4.0]}) == 4.0 and current_sigma({}) is None
+
+
+def test_a_mask_is_resampled_once_per_layer_shape():
+    proj = _projections(identities=2)[0]
+    mask = torch.rand(2, 8, 8)
+    settings = IDPatchSettings(mask=mask)
+    opts = {"n_heads": 4, "cond_or_uncond": [0, 1], "original_shape": (2, 4, 8, 8)}
+    q = torch.randn(4, 16, 64)
+    first = id_attention_delta(q, opts, "a", proj, settings, sdpa_attention)
+    rows = settings.mask_rows((2, 4, 8, 8), 16, 4, 2, q.device, q.dtype)
+    assert rows is settings.mask_rows((2, 4, 8, 8), 16, 4, 2, q.device, q.dtype)
+    assert torch.equal(id_attention_delta(q, opts, "a", proj, settings, sdpa_attention), first)
+    small = resample_mask(mask, (2, 4, 8, 8), 16)
+    assert torch.allclose(rows, small[[0, 1, 0, 1]])
+
+
 def test_merge_fraction_puts_the_boundary_between_the_merge_step_and_the_next():
     sigmas = [14.6, 9.0, 5.0, 2.0, 1.0, 0.5, 0.0]
     # a stand-in for model_sampling: percent grows as sigma falls, monotone on log sigma

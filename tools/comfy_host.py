@@ -7,10 +7,12 @@ host one ComfyUI only; ``ComfyHost`` must be created before anything imports Com
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import sys
 import uuid
+from types import ModuleType
 from typing import Callable
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,11 +88,14 @@ class ComfyHost:
         try:
             asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
             builtin = set(nodes.NODE_CLASS_MAPPINGS)
+            modules_before = {id(module) for module in sys.modules.values()}
             self.pack_loaded = asyncio.run(nodes.load_custom_node(REPO_ROOT, builtin, module_parent="custom_nodes"))
         finally:
             hook_breaker_ac10a0.restore_functions()
         if not self.pack_loaded:
             raise RuntimeError("ComfyUI could not import the ConsistentID pack; see the log above")
+        self.pack_module = _pack_module(modules_before)
+        self._cached_executor = None
 
     def _progress(self, value, total, preview_image=None, prompt_id=None, node_id=None):
         import comfy.model_management
@@ -105,13 +110,35 @@ class ComfyHost:
     def folder(self, folder: str) -> list[str]:
         return self.folder_paths.get_folder_paths(folder)
 
-    def run(self, prompt: dict) -> dict:
-        """Validates and executes an API-format prompt; returns ComfyUI's history entry."""
+    def pack_submodule(self, name: str) -> ModuleType:
+        """A module of the pack as ComfyUI loaded it, e.g. ``pack_submodule("nodes.apply")``.
+
+        ComfyUI imports the pack under a name derived from its folder, so its modules are other
+        objects than a top-level ``import consistentid_core`` would give.
+        """
+        if self.pack_module is None:
+            raise RuntimeError("the ConsistentID pack's module was not found among ComfyUI's imports")
+        return importlib.import_module(f"{self.pack_module.__name__}.{name}")
+
+    def run(self, prompt: dict, cached: bool = False) -> dict:
+        """Validates and executes an API-format prompt; returns ComfyUI's history entry.
+
+        ``cached``: run on one long-lived executor with ComfyUI's default (classic) output cache,
+        as the server does, so that a re-queued graph only re-runs the nodes whose inputs changed.
+        """
         prompt_id = str(uuid.uuid4())
         ok, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
         if not ok or node_errors:
             raise WorkflowError(_describe_validation(error, node_errors, prompt))
-        executor = self.execution.PromptExecutor(self.server, cache_type=False)
+        if cached:
+            if self._cached_executor is None:
+                self._cached_executor = self.execution.PromptExecutor(
+                    self.server, cache_type=self.execution.CacheType.CLASSIC)
+            executor = self._cached_executor
+        else:
+            executor = self.execution.PromptExecutor(self.server, cache_type=False)
+        # Messages of an earlier prompt must not be read as this one's failure.
+        self.server.messages.clear()
         # The executor sends per-node events and errors only to a connected client.
         executor.execute(prompt, prompt_id, extra_data={"client_id": "consistentid-run-workflow"}, execute_outputs=outputs)
         failure = next((data for event, data in self.server.messages if event == "execution_error"), None)
@@ -120,6 +147,16 @@ class ComfyHost:
                 f"node {failure.get('node_id')} ({failure.get('node_type')}) failed: {failure.get('exception_message')}"
             )
         return executor.history_result
+
+
+def _pack_module(modules_before: set[int]) -> ModuleType | None:
+    # Found by file: ComfyUI's naming rule for a custom-node package differs between versions.
+    init_file = os.path.join(REPO_ROOT, "__init__.py")
+    for module in list(sys.modules.values()):
+        origin = getattr(module, "__file__", None)
+        if id(module) not in modules_before and origin and os.path.abspath(origin) == init_file:
+            return module
+    return None
 
 
 class WorkflowError(RuntimeError):

@@ -76,6 +76,32 @@ SD15_UNET_CONFIG = {
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
 }
+# Stable Diffusion XL base 1.0's UNet as diffusers describes it (stabilityai/stable-diffusion-xl-base-1.0, unet/).
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 2048,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+UNET_CONFIGS = {"sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
 SD15_VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
@@ -201,6 +227,71 @@ def _fan_in_state(shapes: dict, seed: int, dtype: torch.dtype, gain: float = 1.0
             tensor = torch.randn(shape, generator=gen) * (gain / fan_in ** 0.5)
         state[key] = tensor.to(dtype)
     return state
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, gain: float = 1.0) -> torch.nn.Module:
+    """Fills a module's parameters in place with the fan-in scheme of :func:`_fan_in_state`.
+
+    For models too big to hold twice (a random SDXL UNet is 10 GB in fp32): the module is built
+    with uninitialised storage and filled tensor by tensor, so no state dict copy ever exists.
+    In a UNet every 1-D weight is a norm scale, so 1-D weights become 1 and biases 0.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            if name.endswith("bias") or param.ndim == 0:
+                param.zero_()
+            elif param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                fan_in = param[0].numel()
+                # Drawn in fp32 on the CPU in slices: the same numbers on every device and dtype,
+                # and no temporary as large as the biggest weight.
+                flat = param.view(param.shape[0], -1)
+                for start in range(0, flat.shape[0], 256):
+                    rows = flat[start:start + 256]
+                    rows.copy_(torch.randn(rows.shape, generator=gen) * (gain / fan_in ** 0.5))
+    return module
+
+
+def diffusers_unet(arch: str = "sd15", seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers ``UNet2DConditionModel`` of SD1.5's or SDXL's exact shape with random weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**UNET_CONFIGS[arch]).to(dtype)
+    unet = unet.to_empty(device=device)
+    return randomize_(unet, seed).eval().requires_grad_(False)
+
+
+def comfy_unet(arch: str = "sd15", seed: int = 0, dtype: torch.dtype | None = None, manual_cast: torch.dtype | None = None):
+    """A ComfyUI ``ModelPatcher`` of SD1.5's or SDXL's UNet with random weights, in ``dtype``.
+
+    Built the way ``comfy.sd.load_diffusion_model_state_dict`` builds a model (detection from
+    diffusers key names, here on the meta device; ComfyUI's device and dtype choices), then
+    filled in place.  ``dtype`` None takes ComfyUI's choice for this device; ``manual_cast``
+    the compute dtype when it differs from the weights' (None: compute in ``dtype``).
+    ComfyUI must already be set up in this process.
+    """
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        shapes = UNet2DConditionModel(**UNET_CONFIGS[arch]).state_dict()
+    config = comfy.model_detection.model_config_from_diffusers_unet(shapes)
+    if config is None:
+        raise RuntimeError(f"ComfyUI did not recognise the {arch} UNet layout")
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    if dtype is None:
+        params = sum(t.numel() for t in shapes.values())
+        dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=config.supported_inference_dtypes)
+    config.set_inference_dtype(dtype, manual_cast)
+    model = config.get_model({}, "").to(offload_device)
+    randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 # --- CLIP vision ------------------------------------------------------------------------------
@@ -354,6 +445,6 @@ def sd15_checkpoint(path) -> Path:
 
 
 __all__ = [
-    "cache_dir", "cached_file", "place", "clip_vision_state", "clip_vision_vit_h", "clip_vision_vit_l",
+    "UNET_CONFIGS", "randomize_", "diffusers_unet", "comfy_unet", "cache_dir", "cached_file", "place", "clip_vision_state", "clip_vision_vit_h", "clip_vision_vit_l",
     "consistentid_checkpoint", "face_parser", "insightface_buffalo_l", "sd15_component_states", "sd15_checkpoint",
 ]
