@@ -142,7 +142,9 @@ def run_case(case: str, checkpointing: bool, steps: int, threads: int | None) ->
         command.append("--checkpointing")
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
-        raise RuntimeError(f"case {case} (checkpointing {checkpointing}) failed:\n{done.stderr[-3000:]}")
+        killed = " (killed by a signal: out of memory?)" if done.returncode < 0 else ""
+        raise RuntimeError(f"case {case} (checkpointing {checkpointing}) failed with exit code "
+                           f"{done.returncode}{killed}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up step)")
+    parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=("off", "on"),
+                        help="gradient checkpointing settings to measure")
     parser.add_argument("--threads", type=int, help="torch threads per case (default: torch's choice)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
@@ -172,17 +176,17 @@ def main(argv=None) -> int:
         return 0
     results = []
     for case in args.cases:
-        for checkpointing in (False, True):
+        for checkpointing in [mode == "on" for mode in args.modes]:
             results.append(run_case(case, checkpointing, args.steps, args.threads))
             print(f"{case}, gradient checkpointing {'on' if checkpointing else 'off'}: "
                   f"{results[-1]['median_s']:.2f} s/step", file=sys.stderr, flush=True)
+            if args.json:  # after every case: a later case killed for memory must not lose the earlier ones
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump(results, f, indent=2)
     print(table(results))
     loads = [x for r in results for x in r["load_avg_1min"]]
     print(f"\n{results[0]['threads']} threads; 1-minute load average during the runs {min(loads):.1f}..{max(loads):.1f} "
           f"on {os.cpu_count()} cores")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
     return 0
 
 

@@ -15,6 +15,12 @@ The two forwards of one framework alternate run by run (same weights, same proce
 frameworks run one after the other, so that only one UNet is in memory at a time.  The UNet's
 ConsistentID checkpoint holds the adapter (LoRA, to_k_ip/to_v_ip) and the ID projection with
 random weights; the FacialEncoder is left out, it plays no part in a UNet step.
+
+SDXL on a CPU (``--sdxl-lora auto``): bf16, and our patch without the LoRA weight patches.  Folding
+a LoRA changes weight values, not shapes, so the step does the same work either way (SD1.5 is
+measured with the LoRA folded); what the fold adds is ComfyUI's backup of the 560 original
+weights, 1.9 GB, which on a 24 GB machine shared with other jobs decides between running and
+being killed.  A run is skipped, with the reason, when the free memory is clearly too small.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--sdxl-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 on the CPU (an fp32 SDXL UNet is 10 GB), fp16 on CUDA")
     parser.add_argument("--sdxl-repeats", type=int, default=None, help="timed runs per SDXL case (default: --repeats)")
+    parser.add_argument("--sdxl-lora", default="auto", choices=["auto", "fold", "skip"],
+                        help="fold the LoRA into the SDXL weights (auto: on CUDA only, see above)")
     parser.add_argument("--output", default="unet_step", help="file stem under benchmarks/results/")
     return parser.parse_args(argv)
 
@@ -113,15 +121,40 @@ def diffusers_forward(unet, processors: dict, context: torch.Tensor, inputs: Ste
 
 # --- one architecture -----------------------------------------------------------------------------
 
-def bench_comfy(host, arch, device, dtype, ckpt, embeds, repeats, warmup) -> dict:
+# Free memory a run needs beyond what this process holds (UNet, activations, adapter, patch backup).
+NEEDS_GIB = {("sd15", 4): 6.5, ("sd15", 2): 4.0, ("sdxl", 4): 14.0, ("sdxl", 2): 8.0}
+
+
+def memory_shortfall(arch: str, dtype: torch.dtype) -> str | None:
+    import psutil
+
+    need = NEEDS_GIB[(arch, torch.finfo(dtype).bits // 8)]
+    free = psutil.virtual_memory().available / 2**30
+    if free < need:
+        return f"{arch} in {dtype} needs about {need:.0f} GiB of free memory, {free:.1f} GiB are free now"
+    return None
+
+
+def make_checkpoint(host, arch, device, dtype):
+    # The pack loads checkpoints in fp32; a reduced-precision CPU run keeps the adapter in the
+    # UNet's dtype, which the LoRA folding and the processors cast to anyway (0.9 GB less on SDXL).
+    return benchlib.adapter_checkpoint(host, arch, dtype=torch.float32 if device.type == "cuda" else dtype)
+
+
+def bench_comfy(host, arch, device, dtype, embeds, fold_lora, repeats, warmup) -> dict:
     import comfy.model_management
     from tools import random_models
 
     apply = host.pack_submodule("nodes.apply")
     benchlib.log_progress(f"{arch}: building the random ComfyUI UNet ({dtype})")
     model = random_models.comfy_unet(arch, seed=0, dtype=dtype)
-    patched = apply.apply_model(model, ckpt, embeds)
+    ckpt = make_checkpoint(host, arch, device, dtype)
+    patched = apply.apply_model(model, ckpt, embeds, lora_strength=1.0 if fold_lora else 0.0)
     id_tokens = benchlib.id_tokens(ckpt, embeds)
+    # The patch holds what it needs (projected keys/values; the LoRA patches reference the
+    # adapter's tensors only when folded): the rest of the checkpoint can go.
+    del ckpt
+    benchlib.free_memory()
     inputs = StepInputs(arch, device, dtype, id_tokens)
 
     def load(patcher):
@@ -138,15 +171,15 @@ def bench_comfy(host, arch, device, dtype, ckpt, embeds, repeats, warmup) -> dic
     # The LoRA is folded into the weights whenever ComfyUI (re)loads the patched model, e.g.
     # after another model ran: a cost per load, not per step.
     load_times = []
-    for _ in range(max(repeats, 5)):
+    for _ in range(max(repeats, 5) if fold_lora else 0):
         load(model)()
         load_times.append(benchlib.time_once(load(patched), device))
     comfy.model_management.unload_all_models()
     del model, patched, cases
     comfy.model_management.soft_empty_cache()
     benchlib.free_memory()
-    return {"timings": timings, "lora_fold_s": benchlib.Timing(load_times), "id_tokens": id_tokens,
-            "id_term_s": id_term}
+    return {"timings": timings, "lora_fold_s": benchlib.Timing(load_times) if load_times else None,
+            "id_tokens": id_tokens, "id_term_s": id_term}
 
 
 def id_term_time(host, patched, inputs, device, runs: int) -> benchlib.Timing:
@@ -184,14 +217,17 @@ def id_term_time(host, patched, inputs, device, runs: int) -> benchlib.Timing:
     return benchlib.Timing(samples)
 
 
-def bench_diffusers(host, arch, device, dtype, ckpt, id_tokens, repeats, warmup) -> dict:
+def bench_diffusers(host, arch, device, dtype, id_tokens, repeats, warmup) -> dict:
     from tools import random_models
 
     attention = host.pack_submodule("consistentid_core.attention")
     benchlib.log_progress(f"{arch}: building the random diffusers UNet ({dtype})")
     unet = random_models.diffusers_unet(arch, seed=0, device=device, dtype=dtype)
     plain = dict(unet.attn_processors)
+    ckpt = make_checkpoint(host, arch, device, dtype)  # the same seed: the same adapter as above
     attention.install_processors(unet, adapter_state=ckpt.adapter_state_dict())
+    del ckpt  # the processors hold their own copies
+    benchlib.free_memory()
     official = dict(unet.attn_processors)
     inputs = StepInputs(arch, device, dtype, id_tokens)
     plain_setup, plain_run = diffusers_forward(unet, plain, inputs.text, inputs)
@@ -206,13 +242,10 @@ def bench_diffusers(host, arch, device, dtype, ckpt, id_tokens, repeats, warmup)
     return {"timings": timings}
 
 
-def bench_arch(host, arch, device, dtype, repeats, warmup) -> dict:
-    # The pack loads checkpoints in fp32; a reduced-precision run keeps its adapter in the UNet's
-    # dtype too, which the LoRA folding and the processors cast to anyway (it saves 0.9 GB on SDXL).
-    ckpt = benchlib.adapter_checkpoint(host, arch, dtype=torch.float32 if device.type == "cuda" else dtype)
+def bench_arch(host, arch, device, dtype, fold_lora, repeats, warmup) -> dict:
     embeds = benchlib.random_face_embeds(host, arch)
-    comfy_part = bench_comfy(host, arch, device, dtype, ckpt, embeds, repeats, warmup)
-    diffusers_part = bench_diffusers(host, arch, device, dtype, ckpt, comfy_part["id_tokens"], repeats, warmup)
+    comfy_part = bench_comfy(host, arch, device, dtype, embeds, fold_lora, repeats, warmup)
+    diffusers_part = bench_diffusers(host, arch, device, dtype, comfy_part["id_tokens"], repeats, warmup)
     timings = {**comfy_part["timings"], **diffusers_part["timings"]}
     t = {name: timing.median for name, timing in timings.items()}
     cpu = {name: timing.cpu_median for name, timing in timings.items()}
@@ -229,7 +262,8 @@ def bench_arch(host, arch, device, dtype, repeats, warmup) -> dict:
         "batch": 2,
         "repeats": repeats,
         "timings": {name: timing.as_dict() for name, timing in timings.items()},
-        "lora_fold_on_load": comfy_part["lora_fold_s"].as_dict(),
+        "lora_folded": fold_lora,
+        "lora_fold_on_load": comfy_part["lora_fold_s"].as_dict() if comfy_part["lora_fold_s"] else None,
         "id_term_in_step": comfy_part["id_term_s"].as_dict(),
         "id_term_share": comfy_part["id_term_s"].median / t["comfy_unpatched"],
         "ratio_comfy": t["comfy_patched"] / t["comfy_unpatched"],
@@ -250,16 +284,21 @@ def report(results: list[dict], machine: str) -> Table:
          "LoRA fold per model load (ms)"],
     )
     for r in results:
+        if "skipped" in r:
+            table.add(f"{r['arch'].upper()}: skipped ({r['skipped']})", *["-"] * (len(table.headers) - 1))
+            continue
         t = {name: v["median_s"] for name, v in r["timings"].items()}
         label = f"{r['arch'].upper()} {r['latent']}x{r['latent']} latent"
+        if not r["lora_folded"]:
+            label += " (ID term only, LoRA not folded)"
+        fold = ms(r["lora_fold_on_load"]["median_s"]) if r["lora_fold_on_load"] else "-"
         verdict = "holds" if r["ratio_comfy"] <= TARGET_RATIO else "MISSED"
         by_cpu = (f"{r['ratio_comfy_cpu_time']:.3f}, {r['ratio_diffusers_cpu_time']:.3f}"
                   if "ratio_comfy_cpu_time" in r else "-")
         table.add(label, r["dtype"], ms(t["comfy_unpatched"]), ms(t["comfy_patched"]),
                   f"{r['ratio_comfy']:.3f} ({verdict})", ms(t["diffusers_plain"]), ms(t["diffusers_official"]),
                   f"{r['ratio_diffusers']:.3f}", f"{r['factor_official_over_ours']:.2f}x", by_cpu,
-                  f"{ms(r['id_term_in_step']['median_s'])} ({100 * r['id_term_share']:.1f} %)",
-                  ms(r["lora_fold_on_load"]["median_s"]))
+                  f"{ms(r['id_term_in_step']['median_s'])} ({100 * r['id_term_share']:.1f} %)", fold)
     return table
 
 
@@ -268,6 +307,9 @@ def plot(results: list[dict], machine: str, path: str) -> None:
     names = [("comfy_unpatched", "ComfyUI"), ("comfy_patched", "ComfyUI + ours"),
              ("diffusers_plain", "diffusers"), ("diffusers_official", "diffusers + official")]
     colours = ["#9aa5b1", "#2f7ed8", "#c9b27c", "#d9534f"]
+    results = [r for r in results if "skipped" not in r]
+    if not results:
+        return
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
     for ax, r in zip(axes[0], results):
         medians = [r["timings"][key]["median_s"] * 1000 for key, _ in names]
@@ -275,7 +317,8 @@ def plot(results: list[dict], machine: str, path: str) -> None:
         highs = [r["timings"][key]["max_s"] * 1000 - m for m, (key, _) in zip(medians, names)]
         bars = ax.bar([label for _, label in names], medians, yerr=[lows, highs], color=colours, capsize=4)
         ax.bar_label(bars, labels=[f"{m:.0f}" for m in medians], padding=2, fontsize=8)
-        ax.set_title(f"{r['arch'].upper()} {r['latent']}x{r['latent']}, batch 2, {r['dtype']}\n"
+        lora = "" if r["lora_folded"] else ", ours without LoRA fold"
+        ax.set_title(f"{r['arch'].upper()} {r['latent']}x{r['latent']}, batch 2, {r['dtype']}{lora}\n"
                      f"ours/unpatched {r['ratio_comfy']:.3f}   official/plain {r['ratio_diffusers']:.3f}   "
                      f"official/ours {r['factor_official_over_ours']:.2f}x", fontsize=9)
         ax.set_ylabel("ms per UNet step (median, min-max)")
@@ -296,12 +339,19 @@ def main(argv=None) -> int:
     for arch in args.arch:
         dtype = model_dtype(arch, device, args.sdxl_dtype)
         repeats = args.sdxl_repeats if (arch == "sdxl" and args.sdxl_repeats) else args.repeats
-        results.append(bench_arch(host, arch, device, dtype, repeats, args.warmup))
+        fold = arch == "sd15" or args.sdxl_lora == "fold" or (args.sdxl_lora == "auto" and device.type == "cuda")
+        shortfall = memory_shortfall(arch, dtype) if device.type == "cpu" else None
+        if shortfall:
+            benchlib.log_progress(f"skipping {arch}: {shortfall}")
+            results.append({"arch": arch, "skipped": shortfall})
+        else:
+            results.append(bench_arch(host, arch, device, dtype, fold, repeats, args.warmup))
+        # Written after every model, so that a run killed later still leaves this one's numbers.
+        benchlib.write_json(f"{args.output}.json", {"machine": machine, "results": results})
     table = report(results, machine)
     table.print()
     png = benchlib.results_path(f"{args.output}.png")
     plot(results, machine, png)
-    benchlib.write_json(f"{args.output}.json", {"machine": machine, "results": results})
     print(f"plot: {os.path.relpath(png, benchlib.REPO_ROOT)}")
     return 0
 
