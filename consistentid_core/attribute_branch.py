@@ -222,7 +222,7 @@ def attribute_projections(branch: AttributeBranch, embeds: AttributeEmbeds) -> I
         cond = branch.tokens(embeds.features.to(param), valid.to(param.device), embeds.uncond.to(param))
         uncond = branch.null_tokens(embeds.uncond.to(param))
     to_k, to_v = branch.kv_weights()
-    return IDProjections.build(to_k, to_v, cond, uncond)
+    return IDProjections.build(to_k, to_v, cond, uncond, kind="attribute")
 
 
 def branch_dropout(id_tokens: torch.Tensor, attr_tokens: torch.Tensor, p_id: float = 0.1, p_attr: float = 0.2,

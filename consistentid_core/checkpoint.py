@@ -146,6 +146,20 @@ def _describe_foreign(keys) -> str:
     return f"this is not a ConsistentID checkpoint (found keys such as {keys[:_SHOW]})"
 
 
+def _nested_extra(data: dict) -> dict:
+    """Branch tensors beside the three official parts of a nested file: ``{"attribute_proj": {...}}``
+    or flat ``"attribute_proj.x"`` entries, both returned flat (``attribute_proj.x``)."""
+    extra = {}
+    for key, value in data.items():
+        if not (isinstance(key, str) and key.startswith(EXTRA_PREFIXES)):
+            continue
+        if isinstance(value, dict):
+            extra.update({f"{key}.{sub}": tensor for sub, tensor in value.items()})
+        else:
+            extra[key] = value
+    return extra
+
+
 def _group(path: str, data) -> tuple[dict, dict, dict, dict]:
     """Split the raw file contents into (facial_encoder, image_proj, adapter, extra) state dicts."""
     if not isinstance(data, dict) or not data:
@@ -161,7 +175,7 @@ def _group(path: str, data) -> tuple[dict, dict, dict, dict]:
         for name, part in zip(("FacialEncoder", proj_key, "adapter_modules"), parts):
             if not isinstance(part, dict):
                 raise _fail(path, f"its '{name}' entry is a {type(part).__name__}, expected a dict of tensors")
-        return dict(parts[0]), dict(parts[1]), dict(parts[2]), {}
+        return dict(parts[0]), dict(parts[1]), dict(parts[2]), _nested_extra(data)
     if not all(isinstance(k, str) for k in data):
         raise _fail(path, _describe_foreign(map(str, data)))
     groups = {"FacialEncoder.": {}, "image_proj.": {}, "adapter_modules.": {}}

@@ -34,7 +34,14 @@ def sdpa_attention(q, k, v, heads, **_ignored):
     return out.transpose(1, 2).reshape(b, n, width)
 
 
-def rows_for_batch(cond_or_uncond, batch: int, cond_count: int) -> list[tuple[int, int]]:
+# What a mismatched batch is told, per kind of token source: (holder, what it holds, the fix).
+BATCH_SOURCES = {
+    "identity": ("ConsistentID embeds", "identities", "use one identity (combine the embeds) or exactly one per image"),
+    "attribute": ("attribute embeds", "attribute photos", "use one attribute photo or exactly one per image"),
+}
+
+
+def rows_for_batch(cond_or_uncond, batch: int, cond_count: int, kind: str = "identity") -> list[tuple[int, int]]:
     """For every row of the attention batch: (0 = identity row / 1 = uncond row, identity index).
 
     ComfyUI stacks chunks of equal size, one per entry of ``cond_or_uncond`` (0 cond, 1 uncond;
@@ -46,10 +53,8 @@ def rows_for_batch(cond_or_uncond, batch: int, cond_count: int) -> list[tuple[in
         raise PromptError(f"attention batch {batch} does not split into {len(chunks)} cond/uncond chunks")
     per_chunk = batch // len(chunks)
     if cond_count not in (1, per_chunk):
-        raise PromptError(
-            f"the latent batch has {per_chunk} images but the ConsistentID embeds hold {cond_count} identities; "
-            "use one identity (combine the embeds) or exactly one per image"
-        )
+        holder, noun, fix = BATCH_SOURCES[kind]
+        raise PromptError(f"the latent batch has {per_chunk} images but the {holder} hold {cond_count} {noun}; {fix}")
     rows = []
     for kind in chunks:
         for i in range(per_chunk):
@@ -89,13 +94,17 @@ class IDProjections:
     uncond_v: Mapping[object, torch.Tensor]
     _moved: dict = field(default_factory=dict, compare=False, repr=False)
     _batches: dict = field(default_factory=dict, compare=False, repr=False)
+    kind: str = "identity"  # or "attribute": the FlexID attribute branch's tokens (see BATCH_SOURCES)
 
     # Batch layouts kept per layer, device and dtype; a sampler uses one or two (cond+uncond, or
     # a last lone cond), so the bound only guards against pathological callers.
     MAX_LAYOUTS = 8
 
     @classmethod
-    def build(cls, to_k_ip: Mapping, to_v_ip: Mapping, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor):
+    def build(cls, to_k_ip: Mapping, to_v_ip: Mapping, cond_tokens: torch.Tensor, uncond_tokens: torch.Tensor,
+              kind: str = "identity"):
+        if kind not in BATCH_SOURCES:
+            raise ValueError(f"kind must be one of {sorted(BATCH_SOURCES)}, got {kind!r}")
         with torch.no_grad():
             proj = lambda w, t: (t.float() @ w.float().T).contiguous()  # noqa: E731
             return cls(
@@ -103,6 +112,7 @@ class IDProjections:
                 {k: proj(w, cond_tokens) for k, w in to_v_ip.items()},
                 {k: proj(w, uncond_tokens) for k, w in to_k_ip.items()},
                 {k: proj(w, uncond_tokens) for k, w in to_v_ip.items()},
+                kind=kind,
             )
 
     @property
@@ -221,7 +231,7 @@ def id_attention_delta(q, extra_options, key, projections: IDProjections, settin
         sigma = current_sigma(extra_options)
         if sigma is not None and not settings.active(sigma):
             return None
-    rows = rows_for_batch(extra_options.get("cond_or_uncond", [0]), q.shape[0], projections.identities)
+    rows = rows_for_batch(extra_options.get("cond_or_uncond", [0]), q.shape[0], projections.identities, projections.kind)
     k_ip, v_ip = projections.for_rows(key, rows, q.device, q.dtype)
     ip = attention(q, k_ip, v_ip, extra_options["n_heads"])
     if settings.mask is not None:

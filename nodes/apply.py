@@ -9,10 +9,12 @@ from comfy_api.latest import io
 from ..consistentid_core.layers import ARCH_LABEL
 from ..consistentid_core.errors import ArchitectureMismatchError, PromptError
 from ..consistentid_core.id_attention import IDPatchSettings
-from .patch import add_lora_patches, check_model, id_projections, install_attn2_patches
-from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel
+from .patch import add_lora_patches, attribute_tokens, check_model, id_projections, install_attn2_patches
+from .types import CATEGORY, AttributeEmbedsType, ConsistentIDEmbeds, ConsistentIDModel
 
 logger = logging.getLogger("consistentid")
+
+MAX_WEIGHT = 3.0
 
 
 def check_embeds(ckpt, embeds) -> None:
@@ -28,17 +30,14 @@ def check_embeds(ckpt, embeds) -> None:
         )
 
 
-def apply_model(model, ckpt, embeds, weight=1.0, lora_strength=1.0, start_at=0.0, end_at=1.0, attn_mask=None):
-    """A patched clone of ``model``; the input model is never modified."""
+def _check_window(start_at: float, end_at: float, what: str = "") -> None:
     if not 0.0 <= start_at <= end_at <= 1.0:
-        raise PromptError(f"start_at ({start_at}) and end_at ({end_at}) must satisfy 0 <= start_at <= end_at <= 1")
-    check_model(model, ckpt)
-    check_embeds(ckpt, embeds)
-    patched = model.clone()
-    if lora_strength != 0:
-        add_lora_patches(patched, ckpt, lora_strength)
-    sampling = patched.get_model_object("model_sampling")
-    settings = IDPatchSettings(
+        raise PromptError(f"{what}start_at ({start_at}) and {what}end_at ({end_at}) must satisfy "
+                          f"0 <= {what}start_at <= {what}end_at <= 1")
+
+
+def _settings(sampling, weight, start_at, end_at, attn_mask=None) -> IDPatchSettings:
+    return IDPatchSettings(
         weight=float(weight),
         # The full schedule is spelled as an open window, so that no step has to read its sigma
         # (on a GPU a read waits for the device, in every cross-attention layer).
@@ -46,7 +45,32 @@ def apply_model(model, ckpt, embeds, weight=1.0, lora_strength=1.0, start_at=0.0
         sigma_end=0.0 if end_at >= 1.0 else float(sampling.percent_to_sigma(end_at)),
         mask=None if attn_mask is None else attn_mask.detach().float().cpu(),
     )
-    install_attn2_patches(patched, ckpt, id_projections(ckpt, embeds), settings)
+
+
+def apply_model(model, ckpt, embeds, weight=1.0, lora_strength=1.0, start_at=0.0, end_at=1.0, attn_mask=None,
+                attribute_embeds=None, attr_weight=1.0, attr_start_at=0.0, attr_end_at=1.0):
+    """A patched clone of ``model``; the input model is never modified.
+
+    ``attribute_embeds`` (FlexID attribute photos) need a checkpoint with the attribute branch;
+    their tokens get their own weight and sigma window, next to the identity tokens'.
+    """
+    _check_window(start_at, end_at)
+    _check_window(attr_start_at, attr_end_at, "attr_")
+    for name, value in (("weight", weight), ("attr_weight", attr_weight)):
+        if not 0.0 <= value <= MAX_WEIGHT:
+            raise PromptError(f"{name} is {value}; it must lie in 0..{MAX_WEIGHT}")
+    check_model(model, ckpt)
+    check_embeds(ckpt, embeds)
+    attribute_projections = attribute_tokens(ckpt, attribute_embeds) if attribute_embeds is not None else None
+    patched = model.clone()
+    if lora_strength != 0:
+        add_lora_patches(patched, ckpt, lora_strength)
+    sampling = patched.get_model_object("model_sampling")
+    attribute = None
+    if attribute_projections is not None:
+        attribute = (attribute_projections, _settings(sampling, attr_weight, attr_start_at, attr_end_at))
+    install_attn2_patches(patched, ckpt, id_projections(ckpt, embeds),
+                          _settings(sampling, weight, start_at, end_at, attn_mask), attribute)
     return patched
 
 
@@ -70,16 +94,27 @@ class ConsistentIDApplyModel(io.ComfyNode):
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01),
                 io.Mask.Input("attn_mask", optional=True, tooltip="where the identity applies (white = yes)"),
+                AttributeEmbedsType.Input("attribute_embeds", optional=True,
+                                          tooltip="hair, glasses, hat... from Encode Attributes; needs weights "
+                                                  "trained with the attribute stage (not the released files)"),
+                io.Float.Input("attr_weight", default=1.0, min=0.0, max=MAX_WEIGHT, step=0.05, optional=True,
+                               tooltip="strength of the attribute tokens"),
+                io.Float.Input("attr_start_at", default=0.0, min=0.0, max=1.0, step=0.01, optional=True),
+                io.Float.Input("attr_end_at", default=1.0, min=0.0, max=1.0, step=0.01, optional=True),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
-    def validate_inputs(cls, start_at=0.0, end_at=1.0, **_kwargs):
+    def validate_inputs(cls, start_at=0.0, end_at=1.0, attr_start_at=0.0, attr_end_at=1.0, **_kwargs):
         if start_at > end_at:
             return f"start_at ({start_at}) must not be after end_at ({end_at})"
+        if attr_start_at > attr_end_at:
+            return f"attr_start_at ({attr_start_at}) must not be after attr_end_at ({attr_end_at})"
         return True
 
     @classmethod
-    def execute(cls, model, consistentid, embeds, weight, lora_strength, start_at, end_at, attn_mask=None) -> io.NodeOutput:
-        return io.NodeOutput(apply_model(model, consistentid, embeds, weight, lora_strength, start_at, end_at, attn_mask))
+    def execute(cls, model, consistentid, embeds, weight, lora_strength, start_at, end_at, attn_mask=None,
+                attribute_embeds=None, attr_weight=1.0, attr_start_at=0.0, attr_end_at=1.0) -> io.NodeOutput:
+        return io.NodeOutput(apply_model(model, consistentid, embeds, weight, lora_strength, start_at, end_at, attn_mask,
+                                         attribute_embeds, attr_weight, attr_start_at, attr_end_at))

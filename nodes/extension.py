@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import ConsistentIDApplyModel
+from .attributes import ConsistentIDEncodeAttributes
 from .conditioning import ConsistentIDConditioning
 from .embeds_io import ConsistentIDCombineEmbeds, ConsistentIDLoadEmbeds, ConsistentIDSaveEmbeds
 from .encode import ConsistentIDEncodeFace, ConsistentIDFaceParse
@@ -31,6 +32,7 @@ NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
     ConsistentIDRegionMix,
     ConsistentIDRegionStrengths,
     ConsistentIDFaceKeypoints,
+    ConsistentIDEncodeAttributes,
 )
 # Node ids are a permanent API: workflows saved by users refer to them.
 NODE_IDS: tuple[str, ...] = tuple(cls.__name__ for cls in NODE_CLASSES)

@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from ..consistentid_core.attribute_branch import attribute_branch_from_extra, attribute_projections
 from ..consistentid_core.layers import ARCH_LABEL
 from ..consistentid_core.errors import ArchitectureMismatchError, CheckpointError
 from ..consistentid_core.id_attention import (
@@ -32,6 +33,8 @@ CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
 # layer, and a list of references to the checkpoint's own LoRA tensors.
 _PROJECTIONS = IdentityLRU("ID projections", max_entries=8)
 _LORA_PATCHES = IdentityLRU("LoRA patches", max_entries=4)
+_ATTRIBUTE_BRANCHES = IdentityLRU("attribute branches", max_entries=2)
+_NO_BRANCH = object()  # remembered too: a file without the branch is checked once
 
 
 def comfy_attention(q, k, v, heads, extra_options=None):
@@ -49,11 +52,13 @@ def comfy_attention(q, k, v, heads, extra_options=None):
 class ConsistentIDAttn2Patch:
     """One cross-attention block: the previous patch (or plain attention) plus the ID-token term."""
 
-    def __init__(self, key, projections: IDProjections, settings: IDPatchSettings, previous=None):
+    def __init__(self, key, projections: IDProjections, settings: IDPatchSettings, previous=None,
+                 attribute: tuple[IDProjections, IDPatchSettings] | None = None):
         self.key = key
         self.projections = projections
         self.settings = settings
         self.previous = previous
+        self.attribute = attribute  # the FlexID attribute branch's tokens and window, when connected
         self.callbacks: tuple = ()
         self.placement = ("cpu", torch.float32)  # where the host last said the model runs
 
@@ -66,6 +71,10 @@ class ConsistentIDAttn2Patch:
         delta = id_attention_delta(q, extra_options, self.key, self.projections, self.settings, attention)
         if delta is not None:
             out = out + delta.to(out.dtype)
+        if self.attribute is not None:
+            attr_delta = id_attention_delta(q, extra_options, self.key, *self.attribute, attention)
+            if attr_delta is not None:
+                out = out + attr_delta.to(out.dtype)
         if self.callbacks:
             sigma = current_sigma(extra_options)
             for callback, kwargs in self.callbacks:
@@ -93,6 +102,8 @@ class ConsistentIDAttn2Patch:
         # This block's keys/values only: all blocks share one IDProjections, and the host moves
         # every block on every load, clone release and offload.
         self.projections.warm(device, dtype, keys=(self.key,))
+        if self.attribute is not None:
+            self.attribute[0].warm(device, dtype, keys=(self.key,))
         if self.previous is not None and hasattr(self.previous, "to"):
             self.previous = self.previous.to(device_or_dtype)
         return self
@@ -185,7 +196,8 @@ def _project_id_tokens(ckpt, embeds) -> IDProjections:
     return IDProjections.build(to_k, to_v, cond, uncond)
 
 
-def install_attn2_patches(model, ckpt, projections: IDProjections, settings: IDPatchSettings) -> int:
+def install_attn2_patches(model, ckpt, projections: IDProjections, settings: IDPatchSettings,
+                          attribute: tuple[IDProjections, IDPatchSettings] | None = None) -> int:
     """Registers one patch per cross-attention block, wrapping whatever was registered there before."""
     transformer_options = model.model_options.get("transformer_options", {})
     existing = transformer_options.get("patches_replace", {}).get("attn2", {})
@@ -194,7 +206,37 @@ def install_attn2_patches(model, ckpt, projections: IDProjections, settings: IDP
         name, number, index = layer.comfy_block
         # ComfyUI looks up (block, id, index) first and (block, id) second: wrap either so it still runs.
         previous = existing.get(layer.comfy_block, existing.get((name, number)))
-        patch = ConsistentIDAttn2Patch(layer.comfy_block, projections, settings, previous)
+        patch = ConsistentIDAttn2Patch(layer.comfy_block, projections, settings, previous, attribute)
         model.set_model_attn2_replace(patch, name, number, index)
         count += 1
     return count
+
+
+def attribute_branch(ckpt):
+    """The checkpoint's FlexID attribute branch, built once per checkpoint; CheckpointError when it has none."""
+    branch = _ATTRIBUTE_BRANCHES.get((ckpt,))
+    if branch is None:
+        branch = attribute_branch_from_extra(ckpt.extra, ckpt.layout, source=ckpt.name) or _NO_BRANCH
+        _ATTRIBUTE_BRANCHES.put((ckpt,), (), branch)
+    if branch is _NO_BRANCH:
+        raise CheckpointError(
+            f"{ckpt.name} has no attribute branch (no attribute_proj.* / attribute_adapter.* weights; the released "
+            "ConsistentID files have none). Disconnect attribute_embeds, or load ConsistentID weights trained "
+            "with the attribute stage (see the README, 'FlexID control')"
+        )
+    return branch
+
+
+def attribute_tokens(ckpt, embeds) -> IDProjections | None:
+    """k_attr / v_attr of the attribute photos for every block, memoised like :func:`id_projections`;
+    None (with the reason logged) when no photo shows an attribute."""
+    branch = attribute_branch(ckpt)
+    owners = (branch, embeds.features, embeds.valid, embeds.uncond)
+    versions = tuple(tensor_version(t) for t in owners[1:])
+    cached = _PROJECTIONS.get(owners, versions)
+    if cached is None:
+        cached = attribute_projections(branch, embeds)
+        if cached is None:
+            return None
+        _PROJECTIONS.put(owners, versions, cached)
+    return cached

@@ -194,6 +194,18 @@ def test_checkpoint_with_and_without_the_branch(tmp_path):
     rebuilt = attribute_branch_from_extra(ckpt.extra, ckpt.layout)
     assert all(torch.equal(v, branch.state_dict()[k]) for k, v in rebuilt.state_dict().items())
 
+    # The official nested layout with the branch as two more nested parts loads it too.
+    nested = random_official_state("sd15", fill=0.01)
+    for key, value in attribute_state_dict(branch).items():
+        part, rest = key.split(".", 1)
+        nested.setdefault(part, {})[rest] = value
+    torch.save(nested, tmp_path / "nested_with_branch.bin")
+    (tmp_path / "with_branch.bin").unlink()  # 0.8 GB each: keep the test's disk use low
+    from_nested = load_checkpoint(tmp_path / "nested_with_branch.bin")
+    assert set(from_nested.extra) == set(attribute_state_dict(branch))
+    rebuilt = attribute_branch_from_extra(from_nested.extra, from_nested.layout)
+    assert all(torch.equal(v, branch.state_dict()[k]) for k, v in rebuilt.state_dict().items())
+
 
 def test_attribute_projections_per_layer(caplog):
     branch = _randomised(AttributeBranch(TINY_LAYOUT), seed=1)

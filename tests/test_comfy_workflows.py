@@ -64,3 +64,17 @@ def test_face_parse_preview_workflow(session):
     result = _run(session, "face_parse_preview")
     previews = [img for out in result["outputs"].values() for img in out.get("images", [])]
     assert len(previews) == 1 + 5  # the overlay and the 5 region masks
+
+
+def test_flexid_workflow_takes_identity_attributes_and_eyes_from_three_photos(session, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="consistentid"):
+        result = _run(session, "flexid_sd15_identity_attributes_eyes")
+    images = _saved_images(result)
+    assert len(images) == 1
+    with Image.open(session.output_dir / images[0]["subfolder"] / images[0]["filename"]) as picture:
+        assert picture.size == (64, 64)
+    # The random face parser decides whether photo B shows an attribute; either way the log says which.
+    said = [m for m in caplog.messages if m.startswith("attribute photo") or "attribute branch is skipped" in m]
+    assert said, caplog.messages[-20:]

@@ -26,7 +26,7 @@ API_DIR = os.path.join(REPO, "tests", "workflows")
 # and the frontend's own note nodes, which the server never sees.
 BUILTIN_TYPES = {
     "CheckpointLoaderSimple", "CLIPVisionLoader", "LoadImage", "ImageBatch", "EmptyLatentImage", "KSampler",
-    "VAEDecode", "SaveImage", "PreviewImage", "MaskToImage",
+    "VAEDecode", "SaveImage", "PreviewImage", "MaskToImage", "ControlNetLoader", "ControlNetApplyAdvanced",
 }
 NOTE_TYPES = {"Note", "MarkdownNote"}
 

@@ -21,9 +21,19 @@ CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 PARSER = "consistentid/face_parsing.pth"
 PHOTO = "consistentid_reference.png"
 PHOTO_2 = "consistentid_reference_2.png"
+# FlexID: weights trained with the attribute stage (the released files have no attribute branch).
+SD15_ATTRIBUTE_WEIGHTS = "ConsistentID-v1-attributes.safetensors"
+SDXL_ATTRIBUTE_WEIGHTS = "ConsistentID_SDXL-v1-attributes.safetensors"
+ATTRIBUTE_PHOTO = "consistentid_attributes_2.png"  # photo B: hair and glasses
+EYES_PHOTO = "consistentid_eyes_3.png"  # photo C
+POSE_PHOTO = "consistentid_pose_4.png"  # photo D
+INSTANTID_CONTROLNET = "instantid/diffusion_pytorch_model.safetensors"
 PROMPT = "cinematic photo, A man, in a forest, adventuring, 50mm photograph, half-length portrait, film, bokeh, professional, 4k, highly detailed"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry"
 SDXL_NEGATIVE = "(worst quality, low quality, illustration, 3d, 2d, painting, cartoons, sketch), open mouth"
+# Every widget of ConsistentIDApplyModel, as the frontend sends them (the attr_* ones are optional).
+APPLY_DEFAULTS = dict(weight=1.0, lora_strength=1.0, start_at=0.0, end_at=1.0, attr_weight=1.0, attr_start_at=0.0,
+                      attr_end_at=1.0)
 
 
 def link(node: str, slot: int = 0):
@@ -58,6 +68,14 @@ def sampling_nodes(model, positive, negative, width, height, steps, cfg, seed, p
     }
 
 
+def with_merge_step_sampler(graph: dict, merge_step: int = 30) -> dict:
+    """Swaps the stock KSampler of ``sampling_nodes`` for ConsistentIDKSampler."""
+    graph["10"]["class_type"] = "ConsistentIDKSampler"
+    graph["10"]["_meta"]["title"] = f"KSampler (merge step {merge_step})"
+    graph["10"]["inputs"]["merge_step"] = merge_step
+    return graph
+
+
 def sd15_portrait() -> dict:
     graph = {
         "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
@@ -76,7 +94,7 @@ def sd15_stock_ksampler() -> dict:
         "6": node("LoadImage", "Reference photo", image=PHOTO),
         **face_encoder_nodes(SD15_WEIGHTS),
         "8": node("ConsistentIDApplyModel", "Apply ConsistentID model", model=link("1"), consistentid=link("2"),
-                  embeds=link("7"), weight=1.0, lora_strength=1.0, start_at=0.0, end_at=1.0),
+                  embeds=link("7"), **APPLY_DEFAULTS),
         "14": node("ConsistentIDMergeStep", "Merge step 30 of 50", model=link("8"), scheduler="normal", steps=50,
                    merge_step=30, denoise=1.0),
         "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
@@ -93,16 +111,13 @@ def sdxl_portrait() -> dict:
         "6": node("LoadImage", "Reference photo", image=PHOTO),
         **face_encoder_nodes(SDXL_WEIGHTS),
         "8": node("ConsistentIDApplyModel", "Apply ConsistentID model", model=link("1"), consistentid=link("2"),
-                  embeds=link("7"), weight=1.0, lora_strength=1.0, start_at=0.0, end_at=1.0),
+                  embeds=link("7"), **APPLY_DEFAULTS),
         "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
                    embeds=link("7"), text="A woman wearing a santa hat", negative_text=SDXL_NEGATIVE, caption="auto",
                    merge_at=0.61, emphasis="literal (official)", custom_caption=""),
     }
     graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 864, 1152, 50, 7.5, 222, "ConsistentID/sdxl"))
-    graph["10"]["class_type"] = "ConsistentIDKSampler"
-    graph["10"]["_meta"]["title"] = "KSampler (merge step 30)"
-    graph["10"]["inputs"]["merge_step"] = 30
-    return graph
+    return with_merge_step_sampler(graph)
 
 
 def save_embeds_from_several_photos() -> dict:
@@ -140,6 +155,58 @@ def face_parse_preview() -> dict:
     }
 
 
+def flexid_nodes(weights: str, resolution: str) -> dict:
+    """Identity from photo A ("6"), hair and glasses from B, eyes from C, each with its own strength."""
+    graph = face_encoder_nodes(weights)
+    graph.update({
+        "30": node("LoadImage", "Photo B: hair and glasses", image=ATTRIBUTE_PHOTO),
+        "31": node("ConsistentIDEncodeAttributes", "Attributes of B", clip_vision=link("3"), face_parser=link("5"),
+                   image=link("30"), mode="crop", resolution=resolution),
+        "32": node("LoadImage", "Photo C: eyes", image=EYES_PHOTO),
+        "33": node("ConsistentIDEncodeFace", "Encode C", consistentid=link("2"), clip_vision=link("3"),
+                   face_analysis=link("4"), face_parser=link("5"), image=link("32"), face_select="first",
+                   combine="average", on_no_face="error", color_order="official"),
+        "34": node("ConsistentIDRegionMix", "Identity of A, eyes of C", embeds=link("7"), eyes_embeds=link("33")),
+        "35": node("ConsistentIDRegionStrengths", "Region strengths", face_shape=1.0, eyes=1.0, ears=1.0, nose=1.0,
+                   mouth=1.0, region_scale=1.0),
+        "8": node("ConsistentIDApplyModel", "Apply ConsistentID model (identity + attributes)", model=link("1"),
+                  consistentid=link("2"), embeds=link("34"), attribute_embeds=link("31"), **APPLY_DEFAULTS),
+    })
+    return graph
+
+
+def flexid_sd15() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
+        "6": node("LoadImage", "Photo A: identity", image=PHOTO),
+        **flexid_nodes(SD15_ATTRIBUTE_WEIGHTS, "sd15 (512)"),
+        "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
+                   embeds=link("34"), text=PROMPT, negative_text=NEGATIVE, caption="auto", merge_at=0.61,
+                   emphasis="literal (official)", custom_caption="", region_strengths=link("35")),
+    }
+    graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 512, 768, 50, 5.0, 2024, "ConsistentID/flexid_sd15"))
+    return with_merge_step_sampler(graph)
+
+
+def flexid_sdxl_pose() -> dict:
+    graph = flexid_sd15()
+    graph.update({
+        "1": node("CheckpointLoaderSimple", "SDXL checkpoint", ckpt_name=SDXL_CHECKPOINT),
+        **flexid_nodes(SDXL_ATTRIBUTE_WEIGHTS, "sdxl (1280)"),
+        "40": node("LoadImage", "Photo D: pose", image=POSE_PHOTO),
+        "41": node("ConsistentIDFaceKeypoints", "Keypoints of D", face_analysis=link("4"), image=link("40"),
+                   face_select="largest", color_order="bgr"),
+        "42": node("ControlNetLoader", "InstantID ControlNet", control_net_name=INSTANTID_CONTROLNET),
+        "43": node("ControlNetApplyAdvanced", "Pose of D", positive=link("15"), negative=link("15", 1),
+                   control_net=link("42"), image=link("41"), strength=0.6, start_percent=0.0, end_percent=1.0,
+                   vae=link("1", 2)),
+        "44": node("PreviewImage", "Pose keypoints", images=link("41")),
+    })
+    graph["15"]["inputs"].update(text="A woman wearing a santa hat", negative_text=SDXL_NEGATIVE)
+    graph.update(sampling_nodes(link("8"), link("43"), link("43", 1), 864, 1152, 50, 7.5, 222, "ConsistentID/flexid_sdxl"))
+    return with_merge_step_sampler(graph)
+
+
 WORKFLOWS = {
     "sd15_portrait": sd15_portrait,
     "sd15_stock_ksampler_merge_step": sd15_stock_ksampler,
@@ -147,6 +214,8 @@ WORKFLOWS = {
     "several_photos_save_embeds": save_embeds_from_several_photos,
     "portrait_from_saved_embeds": portrait_from_saved_embeds,
     "face_parse_preview": face_parse_preview,
+    "flexid_sd15_identity_attributes_eyes": flexid_sd15,
+    "flexid_sdxl_identity_attributes_eyes_pose": flexid_sdxl_pose,
 }
 
 

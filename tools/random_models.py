@@ -40,6 +40,7 @@ VERSIONS = {
     "clip_vision_vit_h": "v1",
     "clip_vision_vit_l": "v1",
     "consistentid_sd15": "v2",
+    "consistentid_sd15_attributes": "v1",
     "face_parser": "v1",
     "sd15_checkpoint": "v4",
 }
@@ -359,6 +360,31 @@ def consistentid_checkpoint(path, arch: str = "sd15") -> Path:
         torch.save(random_consistentid_state(arch, seed=0), str(tmp))
 
     return place(cached_file("consistentid_sd15", ".bin", build), path)
+
+
+def consistentid_attributes_checkpoint(path, arch: str = "sd15") -> Path:
+    """The official-layout stand-in plus a random FlexID attribute branch, flat safetensors
+    (``FacialEncoder.*``, ..., ``attribute_proj.*``, ``attribute_adapter.*``): the form the
+    attribute stage of the training module writes.
+
+    Every branch weight is random, ``to_v_attr`` included (training starts it at zero), so the
+    branch visibly changes what the UNet computes."""
+    if arch != "sd15":
+        raise ValueError(f"only the sd15 ConsistentID stand-in is cached here, not {arch!r}")
+
+    def build(tmp: Path) -> None:
+        from consistentid_core.attribute_branch import AttributeBranch, attribute_state_dict
+
+        from safetensors.torch import save_file
+
+        nested = random_consistentid_state(arch, seed=0)
+        flat = {f"{part}.{key}": value.contiguous() for part, state in nested.items() for key, value in state.items()}
+        gen = torch.Generator().manual_seed(1)
+        for key, value in attribute_state_dict(AttributeBranch(arch, depth=2)).items():
+            flat[key] = torch.randn(value.shape, generator=gen) * 0.05
+        save_file(flat, str(tmp), metadata={"arch": arch})
+
+    return place(cached_file("consistentid_sd15_attributes", ".safetensors", build), path)
 
 
 def face_parser(path) -> Path:

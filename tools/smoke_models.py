@@ -35,6 +35,8 @@ def place_models(models_dir: str) -> None:
     """Every file the SD1.5 example workflows name, with random weights, under ``models_dir``."""
     random_models.sd15_checkpoint(os.path.join(models_dir, "checkpoints", CHECKPOINT))
     random_models.consistentid_checkpoint(os.path.join(models_dir, "consistentid", "ConsistentID-v1.bin"))
+    random_models.consistentid_attributes_checkpoint(
+        os.path.join(models_dir, "consistentid", "ConsistentID-v1-attributes.safetensors"))
     random_models.face_parser(os.path.join(models_dir, "consistentid", "face_parsing.pth"))
     random_models.clip_vision_vit_h(os.path.join(models_dir, "clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"))
     make_buffalo_l(os.path.join(models_dir, "insightface", "models", "buffalo_l"))

@@ -89,6 +89,19 @@ DESCRIPTIONS = {
         "An SD1.5 portrait from embeds saved earlier by the several_photos_save_embeds example: no reference photo, "
         "no face analysis. Run that example first (or pick another saved embeds file)."
     ),
+    "flexid_sd15_identity_attributes_eyes": (
+        "FlexID-style control with SD1.5, each part from its own photo and with its own strength: the identity of "
+        "photo A, hair and glasses of photo B (Encode Attributes -> attribute_embeds, attr_weight), the eyes of "
+        "photo C (Regions From Other Photos) and per-region strengths. The attribute branch needs ConsistentID "
+        "weights trained with the attribute stage; the released ConsistentID-v1.bin has none (disconnect "
+        "attribute_embeds to use it: identity, regions and strengths work with it as they are)."
+    ),
+    "flexid_sdxl_identity_attributes_eyes_pose": (
+        "The SDXL FlexID example with all four photos: identity of A, hair and glasses of B, eyes of C, and the head "
+        "pose of D through ComfyUI's own Apply ControlNet with the InstantID ControlNet, fed the 5-keypoint drawing "
+        "of Face Keypoints. Attributes need weights trained with the attribute stage; pose and regions work with "
+        "the released ConsistentID_SDXL-v1.bin."
+    ),
     "face_parse_preview": (
         "Shows what ConsistentID cuts out of a face: the face parser's coloured overlay and the five region masks "
         "(face, eye, ear, nose, lip) it uses for the facial prompt. No checkpoint needed."
@@ -480,7 +493,11 @@ def model_lines(api: dict) -> list[str]:
         elif kind == "ConsistentIDFaceParserLoader":
             lines.append(f"- models/{inputs['parser_file']} (BiSeNet face parser)")
         elif kind == "LoadImage":
-            lines.append(f"- input/{inputs['image']} (a photo of the person; any name, pick it in the node)")
+            title = entry.get("_meta", {}).get("title", "")
+            what = title if title.startswith("Photo ") else "a photo of the person"
+            lines.append(f"- input/{inputs['image']} ({what}; any name, pick it in the node)")
+        elif kind == "ControlNetLoader":
+            lines.append(f"- models/controlnet/{inputs['control_net_name']} (the InstantID ControlNet, for the pose)")
         elif kind == "ConsistentIDLoadEmbeds":
             lines.append(f"- {inputs['embeds_file']} (saved embeds)")
     return sorted(set(lines), key=lines.index)

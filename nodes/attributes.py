@@ -1,0 +1,61 @@
+"""ConsistentIDEncodeAttributes: hair, glasses, hat, earrings, necklace (and head outline) of an attribute photo.
+
+The attribute branch needs ConsistentID weights trained with the attribute stage
+(``python -m training.train --stage attributes``); the released official files do not have it.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+from PIL import Image
+
+from ..consistentid_core.attributes import CROP_MODES, AttributeEmbeds, encode_attributes
+from ..consistentid_core.face_analysis import to_rgb_uint8
+from ..consistentid_core.face_pipeline import PARSE_SIZE
+from ..consistentid_core.parsing import parse_image
+from .encode import check_clip_vision, comfy_vision_encoder
+from .images import image_batch_to_uint8
+from .types import CATEGORY, AttributeEmbedsType, FaceParser
+
+
+def encode_attribute_batch(images, face_parser, clip_vision, mode: str, arch: str) -> AttributeEmbeds | None:
+    check_clip_vision(clip_vision)
+    encoder = comfy_vision_encoder(clip_vision)
+    rows = []
+    for index, array in enumerate(image_batch_to_uint8(images)):
+        picture = Image.fromarray(to_rgb_uint8(array))
+        labels = parse_image(face_parser, picture, PARSE_SIZE[arch])
+        encoded = encode_attributes(picture, labels, encoder, mode=mode, source=f"attribute image {index}")
+        if encoded is not None:
+            rows.append(encoded)
+    if not rows:
+        return None  # logged by encode_attributes; the Apply node then skips the branch
+    return AttributeEmbeds(torch.cat([r.features for r in rows]), torch.cat([r.valid for r in rows]), rows[0].uncond,
+                           [s for r in rows for s in r.sources])
+
+
+class ConsistentIDEncodeAttributes(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentIDEncodeAttributes",
+            display_name="Encode Attributes (ConsistentID, FlexID)",
+            category=CATEGORY,
+            description="Hair, glasses, hat, earrings, necklace and head outline of a photo, for the attribute branch "
+                        "(needs ConsistentID weights trained with the attribute stage). Nothing found: the branch is skipped.",
+            inputs=[
+                io.ClipVision.Input("clip_vision"),
+                FaceParser.Input("face_parser"),
+                io.Image.Input("image", tooltip="the photo whose hair, glasses, hat... you want"),
+                io.Combo.Input("mode", options=list(CROP_MODES), default="crop",
+                               tooltip="crop: a loose crop around each attribute; full: the whole frame, masked"),
+                io.Combo.Input("resolution", options=["sd15 (512)", "sdxl (1280)"], default="sd15 (512)"),
+            ],
+            outputs=[AttributeEmbedsType.Output(display_name="attribute_embeds")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, face_parser, image, mode, resolution) -> io.NodeOutput:
+        arch = "sdxl" if resolution.startswith("sdxl") else "sd15"
+        return io.NodeOutput(encode_attribute_batch(image, face_parser, clip_vision, mode, arch))
