@@ -214,3 +214,32 @@ def test_encode_attributes_node(comfy, monkeypatch, caplog):
                                      resolution="sd15 (512)").args
     assert none is None
     assert any("shows no hair, glasses, hat, earrings or necklace" in m for m in caplog.messages)
+
+
+def test_training_output_loads_in_the_loader_node_and_patches(comfy, unet_pair, tmp_path):
+    """What training/train.py writes for SD1.5 (the trainee's to_checkpoint + save_checkpoint, as
+    TrainingRun.save_adapter does), and the attribute stage's file, load in ConsistentIDModelLoader."""
+    from consistentid_core.attention import install_processors
+    from consistentid_core.attribute_branch import AttributeBranch, attribute_state_dict
+    from consistentid_core.checkpoint import save_checkpoint
+    from consistentid_core.layers import LAYOUTS
+    from training.modules import ConsistentIDTrainee, new_modules
+
+    unet, model = unet_pair
+    reference = copy.deepcopy(unet)
+    facial, proj = new_modules("sd15", 768)
+    trainee = ConsistentIDTrainee(reference, facial, proj, install_processors(reference), "sd15", LAYOUTS["sd15"])
+    folder = comfy.model_dir("consistentid")
+    save_checkpoint(trainee.to_checkpoint(), folder / "consistentid.safetensors",
+                    {"trained_steps": 20, "producer": "consistentid training"})
+    ckpt = trainee.to_checkpoint()
+    ckpt.extra = attribute_state_dict(_randomised(AttributeBranch("sd15", depth=1), seed=2))
+    save_checkpoint(ckpt, folder / "consistentid_attributes.safetensors", {"stage": "attributes"})
+    comfy.refresh_file_lists()
+    (plain,) = comfy.execute_node("ConsistentIDModelLoader", consistentid_file="consistentid.safetensors").args
+    (with_branch,) = comfy.execute_node("ConsistentIDModelLoader", consistentid_file="consistentid_attributes.safetensors").args
+    assert plain.arch == with_branch.arch == "sd15" and plain.metadata["trained_steps"] == "20"
+    embeds = random_embeds(comfy)
+    x, t, text = _inputs(3)
+    out = _forward(_apply(comfy, model, with_branch, embeds, attribute_embeds=_attribute_embeds(comfy)), x, t, text, [0, 1])
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()

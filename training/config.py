@@ -20,6 +20,7 @@ from consistentid_core.errors import TrainingConfigError
 
 ARCHS = ("auto", "sd15", "sdxl", "custom")
 PRECISIONS = ("no", "fp16", "bf16")
+STAGES = ("identity", "attributes")
 
 
 def _opt(help_text: str, default=None, **extra):
@@ -34,6 +35,8 @@ class TrainConfig:
     image_encoder: str = _opt("CLIP ViT-H/14: CLIPVisionModelWithProjection folder or .safetensors", "")
     arch: str = _opt("what the base model must be: auto, sd15, sdxl or custom", "auto", choices=ARCHS)
     init_from: str | None = _opt("ConsistentID checkpoint to fine-tune (default: train from scratch)")
+    stage: str = _opt("identity: ConsistentID itself; attributes: the FlexID attribute branch on top of init_from, "
+                      "which stays frozen", "identity", choices=STAGES)
     # data
     manifest: str = _opt("data set manifest (prepare_data's manifest.json or the official JSON list)", "")
     data_root: str | None = _opt("folder the resize_IMG paths are relative to (default: the manifest's folder)")
@@ -50,6 +53,12 @@ class TrainConfig:
     localisation_weight: float = _opt("weight of the facial localisation loss (lambda)", 0.01)
     localisation_blocks: list[str] | None = _opt("UNet blocks whose cross-attention the localisation loss reads "
                                                  "(default: the official middle blocks)", nargs="+")
+    # attribute stage
+    attribute_tokens: int = _opt("attribute tokens the branch makes (attribute stage)", 4)
+    id_drop_rate: float = _opt("probability of dropping a sample's identity tokens (attribute stage)", 0.1)
+    attribute_drop_rate: float = _opt("probability of dropping a sample's attribute tokens (attribute stage)", 0.2)
+    attribute_crop: str = _opt("how attribute pictures are cut: crop (around each) or full (masked frame)", "crop",
+                               choices=("crop", "full"))
     # optimisation
     train_batch_size: int = _opt("samples per device and step", 1)
     gradient_accumulation_steps: int = _opt("micro-batches per optimizer step", 1)
@@ -81,14 +90,14 @@ class TrainConfig:
             if not getattr(self, name):
                 problems.append(f"{name} is required")
         for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-                     "checkpointing_steps", "logging_steps", "max_problems_shown"):
+                     "checkpointing_steps", "logging_steps", "max_problems_shown", "attribute_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be at least 1, got {value}")
-        for name in ("text_drop_rate", "background_mask_prob"):
+        for name in ("text_drop_rate", "background_mask_prob", "id_drop_rate", "attribute_drop_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} is a probability (0..1), got {getattr(self, name)}")
         for name in ("learning_rate", "localisation_weight", "weight_decay", "max_grad_norm", "num_validation_samples",

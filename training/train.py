@@ -282,6 +282,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = parse_args(argv)
+        if config.stage == "attributes":
+            from .attribute_stage import train_attributes
+
+            done = train_attributes(config)
+            print(f"trained the attribute branch {done.global_step} steps; ConsistentID weights with it: "
+                  f"{done.weights_path}")
+            return 0
         result = train(config)
     except ConsistentIDError as exc:
         logger.error("%s", exc)
