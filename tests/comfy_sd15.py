@@ -61,3 +61,15 @@ def random_embeds(session, arch="sd15", n=1, seed=5, names=("Face", "Left_Eye", 
         sources=[f"random {i}" for i in range(n)],
         checkpoint="ConsistentID-v1.bin",
     )
+
+
+def unet_forward(model, x, t, context, cond_or_uncond, sigmas=None):
+    """One forward of a (patched) ComfyUI model's UNet with the transformer options a sampler passes."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond)
+    if sigmas is not None:
+        options["sigmas"] = sigmas
+    with torch.no_grad():
+        return model.model.diffusion_model(x, timesteps=t, context=context, transformer_options=options)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comfy_harness import comfy_session, comfyui_path_or_skip
-from comfy_sd15 import comfy_model_from_diffusers, diffusers_sd15_unet, random_embeds
+from comfy_sd15 import comfy_model_from_diffusers, diffusers_sd15_unet, random_embeds, unet_forward
 from spec_keys import random_official_state
 
 pytestmark = pytest.mark.comfyui
@@ -69,15 +69,6 @@ def _apply(comfy, model, ckpt, embeds, **kwargs):
     return comfy.pack_submodule("nodes.apply").apply_model(model, ckpt, embeds, **kwargs)
 
 
-def _forward(model, x, t, context, cond_or_uncond, sigmas=None):
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model])
-    options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond)
-    if sigmas is not None:
-        options["sigmas"] = sigmas
-    with torch.no_grad():
-        return model.model.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
 
 
 def _inputs(seed=0):
@@ -94,8 +85,8 @@ def test_comfy_patch_equals_the_training_processors_with_attributes(comfy, unet_
     _, ckpt, branch = files
     embeds, attrs = random_embeds(comfy), _attribute_embeds(comfy)
     x, t, text = _inputs()
-    ours = _forward(_apply(comfy, model, ckpt, embeds, attribute_embeds=attrs, attr_weight=0.8), x, t, text, [0, 1])
-    without = _forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1])
+    ours = unet_forward(_apply(comfy, model, ckpt, embeds, attribute_embeds=attrs, attr_weight=0.8), x, t, text, [0, 1])
+    without = unet_forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1])
 
     with torch.no_grad():
         proj = ckpt.image_proj
@@ -116,15 +107,15 @@ def test_attr_weight_zero_and_window_give_the_output_without_attributes(comfy, u
     _, ckpt, _ = files
     embeds, attrs = random_embeds(comfy), _attribute_embeds(comfy)
     x, t, text = _inputs(1)
-    without = _forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1])
-    zero = _forward(_apply(comfy, model, ckpt, embeds, attribute_embeds=attrs, attr_weight=0.0), x, t, text, [0, 1])
+    without = unet_forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1])
+    zero = unet_forward(_apply(comfy, model, ckpt, embeds, attribute_embeds=attrs, attr_weight=0.0), x, t, text, [0, 1])
     assert torch.equal(zero, without)
     late = _apply(comfy, model, ckpt, embeds, attribute_embeds=attrs, attr_start_at=0.5)
     early_sigma, late_sigma = torch.tensor([14.0, 14.0]), torch.tensor([0.5, 0.5])
-    assert torch.allclose(_forward(late, x, t, text, [0, 1], early_sigma), _forward(
+    assert torch.allclose(unet_forward(late, x, t, text, [0, 1], early_sigma), unet_forward(
         _apply(comfy, model, ckpt, embeds), x, t, text, [0, 1], early_sigma), atol=1e-5)
-    with_attrs_late = _forward(late, x, t, text, [0, 1], late_sigma)
-    assert not torch.allclose(with_attrs_late, _forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1], late_sigma),
+    with_attrs_late = unet_forward(late, x, t, text, [0, 1], late_sigma)
+    assert not torch.allclose(with_attrs_late, unet_forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1], late_sigma),
                               atol=1e-4)
 
 
@@ -137,7 +128,7 @@ def test_photo_without_attributes_skips_the_branch_and_says_so(comfy, unet_pair,
     with caplog.at_level(logging.WARNING, logger="consistentid"):
         skipped = _apply(comfy, model, ckpt, embeds, attribute_embeds=outline_only)
     assert any("shows no hair, glasses, hat, earrings or necklace" in m for m in caplog.messages)
-    assert torch.equal(_forward(skipped, x, t, text, [0, 1]), _forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1]))
+    assert torch.equal(unet_forward(skipped, x, t, text, [0, 1]), unet_forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1]))
 
 
 def test_official_file_with_attribute_inputs_is_a_clear_error(comfy, unet_pair, files):
@@ -241,5 +232,5 @@ def test_training_output_loads_in_the_loader_node_and_patches(comfy, unet_pair, 
     assert plain.arch == with_branch.arch == "sd15" and plain.metadata["trained_steps"] == "20"
     embeds = random_embeds(comfy)
     x, t, text = _inputs(3)
-    out = _forward(_apply(comfy, model, with_branch, embeds, attribute_embeds=_attribute_embeds(comfy)), x, t, text, [0, 1])
+    out = unet_forward(_apply(comfy, model, with_branch, embeds, attribute_embeds=_attribute_embeds(comfy)), x, t, text, [0, 1])
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from comfy_harness import comfy_session, comfyui_path_or_skip
-from comfy_sd15 import comfy_model_from_diffusers, comfy_sd15_clip, consistentid_sd15, diffusers_sd15_unet, random_embeds
+from comfy_sd15 import (
+    comfy_model_from_diffusers, comfy_sd15_clip, consistentid_sd15, diffusers_sd15_unet, random_embeds, unet_forward,
+)
 
 pytestmark = pytest.mark.comfyui
 
@@ -50,15 +52,6 @@ def _attn2_patches(model):
     return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
 
 
-def _forward(model, x, t, context, cond_or_uncond, sigmas=None):
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model])
-    options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond)
-    if sigmas is not None:
-        options["sigmas"] = sigmas
-    with torch.no_grad():
-        return model.model.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
 
 
 def test_every_cross_attention_block_is_patched_once_per_forward(comfy, unet_pair, ckpt, embeds, monkeypatch):
@@ -72,7 +65,7 @@ def test_every_cross_attention_block_is_patched_once_per_forward(comfy, unet_pai
     calls = []
     original = patch_mod.id_attention_delta
     monkeypatch.setattr(patch_mod, "id_attention_delta", lambda q, o, key, *a: calls.append(key) or original(q, o, key, *a))
-    _forward(patched, torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, 768), [0, 1])
+    unet_forward(patched, torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, 768), [0, 1])
     assert sorted(calls) == keys
 
 
@@ -84,7 +77,7 @@ def test_patched_comfy_unet_equals_diffusers_with_the_core_processors(comfy, une
     gen = torch.Generator().manual_seed(0)
     x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
     t = torch.tensor([400, 400])
-    ours = _forward(patched, x, t, text, cond_or_uncond=[0, 1])
+    ours = unet_forward(patched, x, t, text, cond_or_uncond=[0, 1])
 
     with torch.no_grad():
         proj = ckpt.image_proj
@@ -103,12 +96,12 @@ def test_patched_comfy_unet_equals_diffusers_with_the_core_processors(comfy, une
 def test_sigma_window_and_weight(comfy, unet_pair, ckpt, embeds):
     _, model = unet_pair
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.randn(2, 77, 768)
-    lora_only = _forward(_apply(comfy, model, ckpt, embeds, weight=0.0), x, t, text, [0, 1])
+    lora_only = unet_forward(_apply(comfy, model, ckpt, embeds, weight=0.0), x, t, text, [0, 1])
     late = _apply(comfy, model, ckpt, embeds, start_at=0.5, end_at=1.0)
     sigma_early = torch.tensor([14.0, 14.0])  # before start_at: only the LoRA acts
-    assert torch.allclose(_forward(late, x, t, text, [0, 1], sigma_early), lora_only, atol=1e-5)
+    assert torch.allclose(unet_forward(late, x, t, text, [0, 1], sigma_early), lora_only, atol=1e-5)
     sigma_late = torch.tensor([0.5, 0.5])
-    assert not torch.allclose(_forward(late, x, t, text, [0, 1], sigma_late), lora_only, atol=1e-4)
+    assert not torch.allclose(unet_forward(late, x, t, text, [0, 1], sigma_late), lora_only, atol=1e-4)
 
 
 def test_existing_patches_are_wrapped_and_ipadapter_add_stays_on_its_clone(comfy, unet_pair, ckpt, embeds):
@@ -126,7 +119,7 @@ def test_existing_patches_are_wrapped_and_ipadapter_add_stays_on_its_clone(comfy
     patched = _apply(comfy, base, ckpt, embeds)
     assert _attn2_patches(patched)[("middle", 0, 0)].previous is not None
     assert _attn2_patches(base)[("middle", 0, 0)] is foreign, "the upstream patch object is not replaced or mutated"
-    _forward(patched, torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 77, 768), [0, 1])
+    unet_forward(patched, torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 77, 768), [0, 1])
     assert seen == [1]
 
     # an IPAdapter node applied after ours clones the model and calls .add() on the object it finds
@@ -190,9 +183,9 @@ def test_latent_batch_larger_than_the_embeds_batch(comfy, unet_pair, ckpt):
     _, model = unet_pair
     two = random_embeds(comfy, n=2)
     patched = _apply(comfy, model, ckpt, two)
-    _forward(patched, torch.randn(4, 4, 8, 8), torch.tensor([10] * 4), torch.randn(4, 77, 768), [0, 1])  # 2 images: fine
+    unet_forward(patched, torch.randn(4, 4, 8, 8), torch.tensor([10] * 4), torch.randn(4, 77, 768), [0, 1])  # 2 images: fine
     with pytest.raises(errors.PromptError, match="latent batch has 3 images but the ConsistentID embeds hold 2"):
-        _forward(patched, torch.randn(6, 4, 8, 8), torch.tensor([10] * 6), torch.randn(6, 77, 768), [0, 1])
+        unet_forward(patched, torch.randn(6, 4, 8, 8), torch.tensor([10] * 6), torch.randn(6, 77, 768), [0, 1])
 
 
 def test_conditioning_entries_and_the_negative(comfy, ckpt, embeds, clip, caplog):
@@ -245,7 +238,7 @@ def test_an_interrupt_during_sampling_leaves_nothing_patched(comfy, unet_pair, c
 
     _, model = unet_pair
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.randn(2, 77, 768)
-    baseline = _forward(model, x, t, text, [0, 1])
+    baseline = unet_forward(model, x, t, text, [0, 1])
     patched = _apply(comfy, model, ckpt, embeds)
     positive, negative = comfy.pack_submodule("nodes.conditioning").consistentid_conditioning(clip, ckpt, embeds, "A man", "")
     calls = []
@@ -263,7 +256,7 @@ def test_an_interrupt_during_sampling_leaves_nothing_patched(comfy, unet_pair, c
                                                          {"samples": torch.zeros(1, 4, 8, 8)}, 1, 1.0)
     assert len(calls) == 2
     assert _attn2_patches(model) == {} and model.patches == {}
-    assert torch.allclose(_forward(model, x, t, text, [0, 1]), baseline, atol=1e-6), "weights were left patched"
+    assert torch.allclose(unet_forward(model, x, t, text, [0, 1]), baseline, atol=1e-6), "weights were left patched"
 
 
 def test_a_reexecution_reuses_the_projections_and_the_lora_patches(comfy, unet_pair, ckpt, embeds):
@@ -280,7 +273,7 @@ def test_a_reexecution_reuses_the_projections_and_the_lora_patches(comfy, unet_p
     fresh = _apply(comfy, model, ckpt, other)
     assert _attn2_patches(fresh)[block].projections is not _attn2_patches(first)[block].projections
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.randn(2, 77, 768)
-    assert not torch.allclose(_forward(fresh, x, t, text, [0, 1]), _forward(first, x, t, text, [0, 1]), atol=1e-4)
+    assert not torch.allclose(unet_forward(fresh, x, t, text, [0, 1]), unet_forward(first, x, t, text, [0, 1]), atol=1e-4)
 
 
 def test_a_device_move_touches_each_block_once(comfy, unet_pair, ckpt, embeds, monkeypatch):
