@@ -36,28 +36,6 @@ DEFAULT_TOKENS = 4
 DEFAULT_DEPTH = 4
 
 
-class MaskedPerceiverAttention(PerceiverAttention):
-    """PerceiverAttention that can ignore image tokens: absent attributes must not be attended."""
-
-    def forward(self, x: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if key_mask is None:
-            return super().forward(x, latents)
-        x = self.norm1(x)
-        latents = self.norm2(latents)
-        b, n_lat, _ = latents.shape
-        q = self._split_heads(self.to_q(latents))
-        k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
-        k, v = self._split_heads(k), self._split_heads(v)
-        scale = self.dim_head ** -0.25
-        weights = ((q * scale) @ (k * scale).transpose(-2, -1)).float()
-        # The latents stay attendable, so a row with every attribute masked still has finite weights.
-        keep = torch.cat((key_mask.to(torch.bool), key_mask.new_ones(b, n_lat, dtype=torch.bool)), dim=1)
-        weights = weights.masked_fill(~keep[:, None, None, :], float("-inf"))
-        weights = torch.softmax(weights, dim=-1).to(v.dtype)
-        out = (weights @ v).transpose(1, 2).reshape(b, n_lat, -1)
-        return self.to_out(out)
-
-
 class AttributeResampler(nn.Module):
     """Learned queries read the tokens of all present attribute pictures at once -> [B, num_tokens, C].
 
@@ -77,7 +55,7 @@ class AttributeResampler(nn.Module):
         self.slot_embedding = nn.Parameter(torch.randn(num_slots, dim) * 0.02)
         self.proj_in = nn.Linear(clip_dim, dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([MaskedPerceiverAttention(dim, DIM_HEAD, heads), feed_forward(dim, ff_mult)]) for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(dim, DIM_HEAD, heads), feed_forward(dim, ff_mult)]) for _ in range(depth)
         )
         self.proj_out = nn.Linear(dim, dim)
         self.norm_out = nn.LayerNorm(dim)

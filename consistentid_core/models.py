@@ -42,7 +42,8 @@ class PerceiverAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, -1).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask`` [B, N] (optional, not in the official model): image tokens to ignore."""
         x = self.norm1(x)
         latents = self.norm2(latents)
         b, n_lat, _ = latents.shape
@@ -53,7 +54,12 @@ class PerceiverAttention(nn.Module):
         # with; it only matters in fp16, where it keeps the logits in range.
         scale = self.dim_head ** -0.25
         weights = (q * scale) @ (k * scale).transpose(-2, -1)
-        weights = torch.softmax(weights.float(), dim=-1).to(weights.dtype)
+        logits = weights.float()
+        if key_mask is not None:
+            # The latents stay attendable, so a row with every image token masked still has finite weights.
+            keep = torch.cat((key_mask.to(torch.bool), key_mask.new_ones(b, n_lat, dtype=torch.bool)), dim=1)
+            logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).to(weights.dtype)
         out = (weights @ v).transpose(1, 2).reshape(b, n_lat, -1)
         return self.to_out(out)
 
