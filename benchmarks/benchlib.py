@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+import logging
 import os
 import platform
 import shutil
@@ -328,6 +329,13 @@ def start_comfyui(device: torch.device, base_directory: str | None = None):
     return ComfyHost(comfyui_path(), cpu=device.type == "cpu", base_directory=base)
 
 
+def start(device_choice: str):
+    """(device, ComfyUI host, machine description): what every ComfyUI benchmark starts with."""
+    logging.basicConfig(level=logging.WARNING)
+    device = pick_device(device_choice)
+    return device, start_comfyui(device), machine_description(device)
+
+
 # --- random ConsistentID inputs -----------------------------------------------------------------
 
 def adapter_checkpoint(host, arch: str, seed: int = 3, dtype: torch.dtype = torch.float32):
@@ -439,6 +447,14 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str, title: str, fontsize: int = 8) -> None:
+    """Titles the figure (the machine it ran on), lays it out, writes the PNG and frees it."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def log_progress(message: str) -> None:

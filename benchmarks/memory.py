@@ -26,7 +26,6 @@ with other jobs two threads stall at every operation's barrier, which is noise, 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -339,18 +338,12 @@ def plot(result: dict, machine: str, path: str) -> None:
     right.set_ylabel("growth since the warm-up (MiB)")
     right.set_title("Growth over clones and re-executions", fontsize=10)
     right.legend(fontsize=7)
-    fig.suptitle(machine, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    benchlib.save_figure(fig, path, machine, fontsize=8)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    device = benchlib.pick_device(args.device)
-    host = benchlib.start_comfyui(device)
-    machine = benchlib.machine_description(device)
+    device, host, machine = benchlib.start(args.device)
     costs = {}
     for arch in ("sd15", "sdxl"):
         benchlib.log_progress(f"{arch}: host-side costs on a meta-device UNet")

@@ -24,7 +24,6 @@ and the same with our cache emptied first (what every such re-run cost before).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -289,18 +288,12 @@ def plot(stages, scaling, counts, runs, machine, path) -> None:
         axes[2].set_ylabel("seconds per queued graph (median)")
         axes[2].set_title("Graph re-runs in ComfyUI", fontsize=10)
         axes[2].tick_params(axis="x", labelsize=7)
-    fig.suptitle(machine, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    benchlib.save_figure(fig, path, machine, fontsize=8)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    device = benchlib.pick_device(args.device)
-    host = benchlib.start_comfyui(device)
-    machine = benchlib.machine_description(device)
+    device, host, machine = benchlib.start(args.device)
     benchlib.log_progress("placing the random-weight models (built once, then cached)")
     place_models(host)
     clip_vision, analysis, raw_parser = load_models(host)

@@ -26,7 +26,6 @@ being killed.  A run is skipped, with the reason, when the free memory is clearl
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -323,18 +322,12 @@ def plot(results: list[dict], machine: str, path: str) -> None:
                      f"official/ours {r['factor_official_over_ours']:.2f}x", fontsize=9)
         ax.set_ylabel("ms per UNet step (median, min-max)")
         ax.tick_params(axis="x", labelsize=8, rotation=15)
-    fig.suptitle(f"Per-step UNet cost: {machine}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    benchlib.save_figure(fig, path, f"Per-step UNet cost: {machine}", fontsize=9)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    device = benchlib.pick_device(args.device)
-    host = benchlib.start_comfyui(device)
-    machine = benchlib.machine_description(device)
+    device, host, machine = benchlib.start(args.device)
     results = []
     for arch in args.arch:
         dtype = model_dtype(arch, device, args.sdxl_dtype)
