@@ -26,6 +26,7 @@ from consistentid_core.layers import UNetLayout, cross_attention_layers
 from consistentid_core.models import FacialEncoder, ProjPlusModel
 from consistentid_core.parsing import LABEL_EARRING, LABEL_EYEGLASSES, LABEL_HAIR, LABEL_LEFT_EYE, LABEL_SKIN
 from spec_keys import flatten, random_official_state
+from numeric import SAME_MATH_FP32, assert_close, assert_differs
 
 CROSS = 64
 TINY_UNET = dict(
@@ -224,8 +225,8 @@ def test_attribute_projections_per_layer(caplog):
         assert tuple(proj.cond_k[layer.comfy_block].shape) == (2, 4, layer.hidden_size)
         assert tuple(proj.uncond_v[layer.comfy_block].shape) == (1, 4, layer.hidden_size)
     key = layers[0].comfy_block
-    assert torch.allclose(proj.cond_k[key][1], proj.uncond_k[key][0])
-    assert not torch.allclose(proj.cond_k[key][0], proj.uncond_k[key][0])
+    assert_close(proj.cond_k[key][1], proj.uncond_k[key][0], SAME_MATH_FP32)
+    assert_differs(proj.cond_k[key][0], proj.uncond_k[key][0], 1e-4)
 
     # The existing patch math on these projections: weight * attention(q, k_attr, v_attr) per row.
     q = torch.randn(4, 16, 32, generator=gen)  # chunks cond (2 images), uncond (2 images)
@@ -235,7 +236,7 @@ def test_attribute_projections_per_layer(caplog):
     kv = branch.attribute_adapter[str(layers[0].index)]
     k0, v0 = kv.to_k_attr(tokens[0]), kv.to_v_attr(tokens[0])
     expected = 0.5 * sdpa_attention(q[:1], k0[None], v0[None], 4)
-    assert torch.allclose(delta[:1], expected, atol=1e-5)
+    assert_close(delta[:1], expected, SAME_MATH_FP32)
     late = id_attention_delta(q, options, key, proj, IDPatchSettings(weight=0.5, sigma_start=2.0), sdpa_attention)
     assert late is None
 

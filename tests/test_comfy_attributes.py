@@ -13,6 +13,7 @@ import torch
 from comfy_harness import comfy_session, comfyui_path_or_skip
 from comfy_sd15 import comfy_model_from_diffusers, diffusers_sd15_unet, random_embeds, unet_forward
 from spec_keys import random_official_state
+from numeric import SAME_MATH_FP32, assert_close, assert_differs
 
 pytestmark = pytest.mark.comfyui
 
@@ -112,11 +113,11 @@ def test_attr_weight_zero_and_window_give_the_output_without_attributes(comfy, u
     assert torch.equal(zero, without)
     late = _apply(comfy, model, ckpt, embeds, attribute_embeds=attrs, attr_start_at=0.5)
     early_sigma, late_sigma = torch.tensor([14.0, 14.0]), torch.tensor([0.5, 0.5])
-    assert torch.allclose(unet_forward(late, x, t, text, [0, 1], early_sigma), unet_forward(
-        _apply(comfy, model, ckpt, embeds), x, t, text, [0, 1], early_sigma), atol=1e-5)
+    assert_close(unet_forward(late, x, t, text, [0, 1], early_sigma), unet_forward(
+        _apply(comfy, model, ckpt, embeds), x, t, text, [0, 1], early_sigma), SAME_MATH_FP32)
     with_attrs_late = unet_forward(late, x, t, text, [0, 1], late_sigma)
-    assert not torch.allclose(with_attrs_late, unet_forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1], late_sigma),
-                              atol=1e-4)
+    assert_differs(with_attrs_late, unet_forward(_apply(comfy, model, ckpt, embeds), x, t, text, [0, 1], late_sigma),
+                   1e-4)
 
 
 def test_photo_without_attributes_skips_the_branch_and_says_so(comfy, unet_pair, files, caplog):

@@ -37,6 +37,7 @@ from consistentid_core.embeds import load_embeds as core_load_embeds
 from consistentid_core.embeds import save_embeds as core_save_embeds
 from face_standins import FixedParser, face_label_map
 from tools.insightface_standins import red_square_image
+from numeric import DEEP_NET_FP32, SAME_MATH_FP32, assert_close, assert_differs
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -203,13 +204,13 @@ def test_workflow_embeds_equal_the_core_functions(models, loaded):
     assert max(abs(x1 - 128), abs(y1 - 128), abs(x2 - 256), abs(y2 - 256)) < 8
     assert embeds.region_names == expected.region_names
     assert torch.equal(embeds.region_valid, expected.region_valid)
-    assert torch.allclose(embeds.region_embeds, expected.region_embeds, atol=1e-4)
-    assert torch.allclose(embeds.clip_embeds, expected.clip_embeds, atol=1e-4)
-    assert torch.allclose(embeds.uncond_clip_embeds, expected.uncond_clip_embeds, atol=1e-4)
-    assert torch.allclose(embeds.id_embeds, expected.id_embeds, atol=1e-6)
+    assert_close(embeds.region_embeds, expected.region_embeds, DEEP_NET_FP32)
+    assert_close(embeds.clip_embeds, expected.clip_embeds, DEEP_NET_FP32)
+    assert_close(embeds.uncond_clip_embeds, expected.uncond_clip_embeds, DEEP_NET_FP32)
+    assert_close(embeds.id_embeds, expected.id_embeds, SAME_MATH_FP32)
     # Random features, not zeros: a wrong wiring could not pass the comparisons above by accident.
     assert float(embeds.clip_embeds.std()) > 0.1
-    assert not torch.allclose(embeds.clip_embeds, embeds.uncond_clip_embeds, atol=1e-2)
+    assert_differs(embeds.clip_embeds, embeds.uncond_clip_embeds, 1e-2)
 
     # The seeded random BiSeNet marks some regions on this photo (Face, Left_Eye, Upper_Lip), so
     # the region comparison above is about real crops, not only the zero-image padding.
@@ -255,7 +256,7 @@ def test_comfyui_vision_encoder_gives_the_official_penultimate_states(models, lo
         expected = reference.eval()(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
         features = vision(pixels).float()
     assert tuple(features.shape) == (1, 257, 1280)
-    assert torch.allclose(features, expected, atol=1e-4)
+    assert_close(features, expected, DEEP_NET_FP32)
 
 
 def test_face_parse_node_gives_five_region_masks_and_an_overlay(models):
@@ -315,7 +316,7 @@ def test_no_face_with_skip_drops_the_image(models, loaded, errors, photo_embeds)
     assert embeds.num_references == 1
     assert embeds.sources == ["image 1 of the batch"]
     assert embeds.face_found.tolist() == [True]
-    assert torch.allclose(embeds.clip_embeds, photo_embeds[0].clip_embeds, atol=1e-4)
+    assert_close(embeds.clip_embeds, photo_embeds[0].clip_embeds, DEEP_NET_FP32)
     assert tuple(preview.shape) == (1, PREVIEW_HEIGHT, 2 * PREVIEW_HEIGHT, 3)  # one row: the kept photo
 
     with pytest.raises(errors.FaceNotFoundError, match="no face found in any of the 2 reference images"):
@@ -365,7 +366,7 @@ def test_several_faces_face_select_picks_and_the_preview_shows_which(models, loa
         by_index[chosen[0]] = embeds
     assert set(by_index) == {FACE, SMALL_FACE}
     assert torch.equal(by_index[FACE].id_embeds, largest.id_embeds)
-    assert not torch.allclose(by_index[SMALL_FACE].id_embeds, largest.id_embeds, atol=1e-3)
+    assert_differs(by_index[SMALL_FACE].id_embeds, largest.id_embeds, 1e-3)
 
 
 def test_face_select_beyond_the_faces_found_names_the_image_and_the_count(models, loaded, errors):
@@ -393,7 +394,7 @@ def test_rgba_drops_the_alpha_channel(models, loaded, photo_embeds):
     embeds, _ = encode(models, loaded, as_image(rgba))
     assert embeds.face_found.tolist() == [True]
     assert torch.equal(embeds.id_embeds, photo_embeds[0].id_embeds)
-    assert torch.allclose(embeds.clip_embeds, photo_embeds[0].clip_embeds, atol=1e-5)
+    assert_close(embeds.clip_embeds, photo_embeds[0].clip_embeds, DEEP_NET_FP32)
 
 
 @pytest.mark.parametrize("node", ["ConsistentIDEncodeFace", "ConsistentIDFaceParse"])
@@ -466,7 +467,7 @@ def test_combine_node_concatenates_averages_and_refuses_mixed_architectures(mode
     (mean,) = comfy.execute_node("ConsistentIDCombineEmbeds", embeds_1=pack_embeds, embeds_2=other, method="average").args
     assert mean.num_references == 1
     assert torch.allclose(mean.id_embeds, torch.zeros(1, 512), atol=1e-6)
-    assert torch.allclose(mean.clip_embeds, pack_embeds.clip_embeds + 0.5, atol=1e-5)
+    assert_close(mean.clip_embeds, pack_embeds.clip_embeds + 0.5, SAME_MATH_FP32)
 
     sdxl = module.FaceEmbeds(**{**vars(pack_embeds), "arch": "sdxl"})
     with pytest.raises(errors.EmbedsError, match="Cannot combine face embeds made for sd15 with embeds made for sdxl"):

@@ -6,6 +6,7 @@ import torch
 from comfy_harness import comfy_session, comfyui_path_or_skip
 from comfy_sd15 import comfy_sd15_clip, consistentid_sd15, random_embeds
 from tools.insightface_standins import make_buffalo_l, red_square_image
+from numeric import SAME_MATH_FP32, assert_close, assert_differs
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -34,9 +35,9 @@ def test_region_strengths_reach_the_conditioning(session, tmp_path):
                   merge_at=0.6, emphasis="literal (official)")
     positive, _ = session.execute_node("ConsistentIDConditioning", **common, region_strengths=off).args
     text_only, facial = positive[0][0], positive[1][0]
-    assert torch.allclose(text_only, facial, atol=1e-6)  # no facial token left: the prompts are the same text
+    assert_close(text_only, facial, SAME_MATH_FP32)  # no facial token left: the prompts are the same text
     positive_full, _ = session.execute_node("ConsistentIDConditioning", **common).args
-    assert not torch.allclose(positive_full[0][0], positive_full[1][0], atol=1e-3)
+    assert_differs(positive_full[0][0], positive_full[1][0], 1e-3)
 
 
 def test_face_keypoints_node_draws_the_pose_photo(session):

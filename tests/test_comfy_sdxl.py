@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from comfy_harness import comfy_session, comfyui_path_or_skip
+from numeric import SAME_MATH_FP32, assert_close
 
 pytestmark = pytest.mark.comfyui
 
@@ -123,5 +124,6 @@ def test_sdxl_conditioning_with_both_text_encoders(session):
     raw = {"l": [[(i, 1.0) for i in text.plain_ids("A woman wearing a santa hat", first)]],
            "g": [[(i, 1.0) for i in text.plain_ids("A woman wearing a santa hat", second, (text.IMAGE_MARKER,))]]}
     expected, pooled = clip.encode_from_tokens(raw, return_pooled=True)
-    assert torch.allclose(text_only, expected, atol=1e-5) and torch.allclose(info_t["pooled_output"], pooled, atol=1e-5)
+    assert_close(text_only, expected, SAME_MATH_FP32)
+    assert_close(info_t["pooled_output"], pooled, SAME_MATH_FP32)
     assert second.pad_token_id == 0 and first.pad_token_id == 49407

@@ -9,6 +9,7 @@ from consistentid_core.embeds import FaceEmbeds
 from consistentid_core.models import FacialEncoder
 from consistentid_core.text import CAPTION_SD15, CAPTION_SD15_OLD, CAPTION_SDXL, IMAGE_MARKER, build_facial_prompt, plain_ids
 from consistentid_core.text import second_encoder_ids
+from numeric import SAME_MATH_FP32, assert_close
 
 PROMPT = "A man, in a forest, adventuring"
 NEGATIVE = "monochrome, lowres"
@@ -68,11 +69,11 @@ def test_sd15_contexts_follow_the_official_recipe(encoder):
     assert torch.equal(out.facial[0, ~mask], clean[0, ~mask])
     assert (out.facial[0, mask] - clean[0, mask]).abs().amin(dim=-1).gt(0).all()
     expected = encoder(clean, embeds.region_embeds, mask[None], torch.ones(1, 5, dtype=torch.bool))
-    assert torch.allclose(out.facial, expected, atol=1e-5)
+    assert_close(out.facial, expected, SAME_MATH_FP32)
     # the negative is fused at the positive's positions with the zero-image features
     assert torch.equal(out.negative[0, ~mask], negative[0, ~mask])
     expected_neg = encoder(negative, embeds.uncond_region_embeds, mask[None], torch.ones(1, 5, dtype=torch.bool))
-    assert torch.allclose(out.negative, expected_neg, atol=1e-5)
+    assert_close(out.negative, expected_neg, SAME_MATH_FP32)
     assert out.pooled_facial is None and out.pooled_negative is None
 
 
@@ -85,7 +86,7 @@ def test_old_template_drops_the_face_region_and_keeps_the_slot_pairing(encoder):
     parts = torch.zeros(1, 5, 257, 1280)
     parts[0, :4] = embeds.region_embeds[0, 1:5]  # slot 0 (Face) is unused
     expected = encoder(clean, parts, torch.tensor([fp.token_mask]), torch.tensor([[True] * 4 + [False]]))
-    assert torch.allclose(out.facial, expected, atol=1e-5)
+    assert_close(out.facial, expected, SAME_MATH_FP32)
 
 
 def test_missing_regions_and_several_identities(encoder):

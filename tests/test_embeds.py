@@ -17,6 +17,7 @@ from consistentid_core.embeds import (
     save_embeds,
 )
 from consistentid_core.errors import EmbedsError
+from numeric import SAME_MATH_FP32, assert_close
 
 ALL5 = ["Face", "Left_Eye", "Left_Ear", "Nose", "Upper_Lip"]
 
@@ -154,11 +155,11 @@ def test_combine_average_by_hand():
     out = combine_embeds(e, "average")
     assert out.num_references == 1
     ids = e.id_embeds.double()
-    assert torch.allclose(out.id_embeds[0].double(), (ids[0] + ids[1] + ids[2]) / 3, atol=1e-6)
+    assert_close(out.id_embeds[0].double(), (ids[0] + ids[1] + ids[2]) / 3, SAME_MATH_FP32)
     clip = e.clip_embeds.double()
-    assert torch.allclose(out.clip_embeds[0].double(), (clip[0] + clip[1] + clip[2]) / 3, atol=1e-6)
+    assert_close(out.clip_embeds[0].double(), (clip[0] + clip[1] + clip[2]) / 3, SAME_MATH_FP32)
     reg = e.region_embeds.double()
-    assert torch.allclose(out.region_embeds[0].double(), (reg[0] + reg[1] + reg[2]) / 3, atol=1e-6)
+    assert_close(out.region_embeds[0].double(), (reg[0] + reg[1] + reg[2]) / 3, SAME_MATH_FP32)
     assert out.region_names == [ALL5]
     assert out.region_valid.tolist() == [[True] * 5]
     assert out.sources == ["average of 3: ref0.png, ref1.png, ref2.png"]
@@ -178,10 +179,10 @@ def test_combine_regions_per_group_reference_without_ears():
     # Ears: only reference 0 has them, so they pass through undiluted.
     assert torch.equal(out.region_embeds[0, 2], r[0, 2])
     # Other groups average slot by group, not by slot index.
-    assert torch.allclose(out.region_embeds[0, 0], (r[0, 0] + r[1, 0]) / 2, atol=1e-6)
-    assert torch.allclose(out.region_embeds[0, 1], (r[0, 1] + r[1, 1]) / 2, atol=1e-6)
-    assert torch.allclose(out.region_embeds[0, 3], (r[0, 3] + r[1, 2]) / 2, atol=1e-6)
-    assert torch.allclose(out.region_embeds[0, 4], (r[0, 4] + r[1, 3]) / 2, atol=1e-6)
+    assert_close(out.region_embeds[0, 0], (r[0, 0] + r[1, 0]) / 2, SAME_MATH_FP32)
+    assert_close(out.region_embeds[0, 1], (r[0, 1] + r[1, 1]) / 2, SAME_MATH_FP32)
+    assert_close(out.region_embeds[0, 3], (r[0, 3] + r[1, 2]) / 2, SAME_MATH_FP32)
+    assert_close(out.region_embeds[0, 4], (r[0, 4] + r[1, 3]) / 2, SAME_MATH_FP32)
 
     norm = e.combine("norm_average")
     assert torch.equal(norm.region_embeds[0, 2], r[0, 2])
@@ -194,7 +195,7 @@ def test_combine_names_from_first_reference_with_group_and_canonical_order():
     assert out.region_names == [["Left_Eye", "Right_Ear", "Nose", "Upper_Lip"]]
     assert out.region_valid.tolist() == [[True, True, True, True, False]]
     r = e.region_embeds
-    assert torch.allclose(out.region_embeds[0, 0], (r[0, 0] + r[1, 1]) / 2, atol=1e-6)
+    assert_close(out.region_embeds[0, 0], (r[0, 0] + r[1, 1]) / 2, SAME_MATH_FP32)
     assert torch.equal(out.region_embeds[0, 1], r[1, 0])
     assert torch.equal(out.region_embeds[0, 2], r[0, 1])
     assert torch.equal(out.region_embeds[0, 3], r[0, 2])
@@ -213,14 +214,14 @@ def test_combine_norm_average_by_hand():
     norms = x.norm(dim=-1, keepdim=True)
     m = (x / norms).mean(0)
     expected = m / m.norm(dim=-1, keepdim=True) * norms.mean(0)
-    assert torch.allclose(out.clip_embeds[0].double(), expected, rtol=1e-5, atol=1e-6)
+    assert_close(out.clip_embeds[0].double(), expected, SAME_MATH_FP32)
     # Per token, the output norm is the mean of the input norms.
-    assert torch.allclose(out.clip_embeds[0].double().norm(dim=-1), norms.mean(0).squeeze(-1), rtol=1e-5)
+    assert_close(out.clip_embeds[0].double().norm(dim=-1), norms.mean(0).squeeze(-1), SAME_MATH_FP32)
     assert not torch.allclose(out.clip_embeds[0], e.clip_embeds.mean(0), atol=1e-3)
 
     ids = e.id_embeds.double()
     u = (ids / ids.norm(dim=-1, keepdim=True)).mean(0)
-    assert torch.allclose(out.id_embeds[0].double(), u / u.norm(), atol=1e-6)
+    assert_close(out.id_embeds[0].double(), u / u.norm(), SAME_MATH_FP32)
     assert float(out.id_embeds[0].norm()) == pytest.approx(1.0, abs=1e-6)
 
     r = e.region_embeds.double()[:, 1]

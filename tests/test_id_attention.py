@@ -16,6 +16,7 @@ from consistentid_core.id_attention import (
     sdpa_attention,
     token_grid,
 )
+from numeric import SAME_MATH_FP32, assert_close
 
 
 def test_rows_follow_cond_or_uncond_chunks():
@@ -59,7 +60,7 @@ def test_delta_is_weight_times_attention_over_the_row_tokens():
     delta = id_attention_delta(q, opts, "a", proj, IDPatchSettings(weight=0.7), sdpa_attention)
     tokens = torch.cat([uncond.expand(2, -1, -1), cond.expand(2, -1, -1)])
     expected = 0.7 * sdpa_attention(q, tokens @ wk.T, tokens @ wv.T, 4)
-    assert torch.allclose(delta, expected, atol=1e-5)
+    assert_close(delta, expected, SAME_MATH_FP32)
 
 
 def test_sigma_window_and_zero_weight_switch_the_patch_off():
@@ -81,7 +82,7 @@ def test_per_image_identities_and_masks():
     opts = {"n_heads": 4, "cond_or_uncond": [0, 1], "original_shape": (2, 4, 4, 4)}
     delta = id_attention_delta(q, opts, "a", proj, IDPatchSettings(mask=mask), sdpa_attention)
     first = sdpa_attention(q[:1], cond[0:1] @ wk.T, cond[0:1] @ wv.T, 4)
-    assert torch.allclose(delta[0:1], first, atol=1e-5)
+    assert_close(delta[0:1], first, SAME_MATH_FP32)
     assert torch.count_nonzero(delta[1]) == 0 and torch.count_nonzero(delta[3]) == 0
     assert torch.count_nonzero(delta[2]) > 0
 
@@ -91,9 +92,11 @@ def test_each_batch_layout_is_built_once_and_reused_by_later_steps():
     k1, v1 = proj.for_rows("a", [(0, 0), (0, 1), (1, 0), (1, 0)], "cpu", torch.float32)
     k2, v2 = proj.for_rows("a", [(0, 0), (0, 1), (1, 0), (1, 0)], "cpu", torch.float32)
     assert k1 is k2 and v1 is v2  # no new tensors in a later step
-    assert torch.allclose(k1[1], cond[1] @ wk.T, atol=1e-5) and torch.allclose(v1[3], uncond[0] @ wv.T, atol=1e-5)
+    assert_close(k1[1], cond[1] @ wk.T, SAME_MATH_FP32)
+    assert_close(v1[3], uncond[0] @ wv.T, SAME_MATH_FP32)
     k3, _ = proj.for_rows("a", [(1, 0), (0, 0)], "cpu", torch.float32)
-    assert k3 is not k1 and torch.allclose(k3[0], uncond[0] @ wk.T, atol=1e-5)
+    assert k3 is not k1
+    assert_close(k3[0], uncond[0] @ wk.T, SAME_MATH_FP32)
     half, _ = proj.for_rows("a", [(1, 0), (0, 0)], "cpu", torch.float16)
     assert half.dtype == torch.float16
     for n in range(2 * IDProjections.MAX_LAYOUTS):  # many odd layouts stay bounded per layer

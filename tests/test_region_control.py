@@ -11,6 +11,7 @@ from consistentid_core.models import FacialEncoder
 from consistentid_core.region_control import RegionStrengths, mix_regions
 from consistentid_core.text import CAPTION_SD15
 from test_conditioning import FakeTextEncoder
+from numeric import SAME_MATH_FP32, assert_close
 
 NAMES = ["Face", "Left_Eye", "Left_Ear", "Nose", "Upper_Lip"]
 
@@ -72,6 +73,6 @@ def test_strength_0_gives_the_plain_token_and_1_the_fused_one(encoder):
                                    strengths=RegionStrengths({"nose": 0.5}))
     nose_position = fp.token_positions[fp.parts.index("Nose")]
     expected = 0.5 * clean[0, nose_position] + 0.5 * full.facial[0, nose_position]
-    assert torch.allclose(nose_half.facial[0, nose_position], expected, atol=1e-6)
+    assert_close(nose_half.facial[0, nose_position], expected, SAME_MATH_FP32)
     others = [p for p in fp.token_positions if p != nose_position]
     assert torch.equal(nose_half.facial[0, others], full.facial[0, others])

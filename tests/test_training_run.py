@@ -25,6 +25,7 @@ from training_standins import (  # noqa: F401
     save_tiny_sdxl_base_model,
     tiny_world,
 )
+from numeric import DEEP_NET_FP32, SAME_MATH_FP32, assert_close
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -92,8 +93,8 @@ def test_saved_file_loads_and_drives_a_fresh_diffusers_unet(trained, tiny_world)
         text = ckpt.facial_encoder(prompt, regions, token_mask, valid)
         context = torch.cat([text, ckpt.image_proj(id_embed, clip)], dim=1)
         got = unet(latents, t, encoder_hidden_states=context).sample
-    assert torch.allclose(context, expected_context, atol=1e-6)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert_close(context, expected_context, SAME_MATH_FP32)
+    assert_close(got, expected, DEEP_NET_FP32)
 
 
 def test_localisation_loss_reads_cross_attention_and_trains_the_facial_encoder(trained):
