@@ -19,6 +19,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("consistentid.host")
 
 EventFn = Callable[[str, dict], None]
+# ComfyUI's command-line switches for its attention backends (comfy.cli_args).
+ATTENTION_FLAGS = {
+    "pytorch": "use_pytorch_cross_attention",
+    "sub-quadratic": "use_quad_cross_attention",
+    "split": "use_split_cross_attention",
+}
 
 
 class _Server:
@@ -46,7 +52,7 @@ class _Server:
 class ComfyHost:
     def __init__(self, comfyui_path: str, *, cpu: bool = False, base_directory: str | None = None,
                  output_directory: str | None = None, input_directory: str | None = None,
-                 on_event: EventFn | None = None):
+                 on_event: EventFn | None = None, attention: str | None = None):
         self.comfyui_path = os.path.abspath(comfyui_path)
         if not os.path.isfile(os.path.join(self.comfyui_path, "main.py")):
             raise FileNotFoundError(f"{self.comfyui_path} is not a ComfyUI folder (no main.py)")
@@ -60,6 +66,10 @@ class ComfyHost:
         from comfy.cli_args import args
 
         args.cpu = cpu
+        # ``attention``: one of ATTENTION_FLAGS, or None for ComfyUI's own choice. It must be set
+        # before comfy.model_management is imported, which picks the backend once.
+        if attention is not None:
+            setattr(args, ATTENTION_FLAGS[attention], True)
         args.base_directory = base_directory or self.comfyui_path
         import folder_paths
 
@@ -81,6 +91,10 @@ class ComfyHost:
         import server
 
         self.nodes, self.execution = nodes, execution
+        import comfy.ldm.modules.attention
+
+        self.attention_backend = comfy.ldm.modules.attention.optimized_attention.__name__
+        logger.info("ComfyUI attention backend: %s", self.attention_backend)
         self.server = _Server(on_event or (lambda event, data: None))
         server.PromptServer.instance = getattr(server.PromptServer, "instance", None) or self.server
         comfy.utils.set_progress_bar_global_hook(self._progress)

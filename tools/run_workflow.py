@@ -40,6 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder (default: $COMFYUI_PATH)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--smoke", action="store_true", help="random weights, tiny size, 2 steps: checks the install, draws NOISE")
+    parser.add_argument("--attention", choices=("auto", "pytorch", "sub-quadratic", "split"), default="auto",
+                        help="ComfyUI's attention backend; auto: pytorch on the CPU (faster there than ComfyUI's "
+                             "CPU default, sub-quadratic), ComfyUI's own choice on a GPU")
     args = parser.parse_args(argv)
     if not args.comfyui:
         parser.error("tell where ComfyUI is: --comfyui PATH or COMFYUI_PATH=PATH")
@@ -150,8 +153,9 @@ def main(argv=None) -> int:
     from comfy_host import ComfyHost, WorkflowError
 
     cpu = args.cpu or args.smoke or not has_accelerator()
+    attention = args.attention if args.attention != "auto" else ("pytorch" if cpu else None)
     host = ComfyHost(args.comfyui, cpu=cpu, base_directory=base, output_directory=os.path.abspath(args.out),
-                     input_directory=input_dir, on_event=printer(titles))
+                     input_directory=input_dir, on_event=printer(titles), attention=attention)
     photo_name = None
     if args.smoke:
         prompt = smoke_models.prepare(host, prompt, input_dir)

@@ -144,7 +144,7 @@ resolve_comfyui() {
     if [ -n "${COMFYUI_PATH:-}" ]; then
         is_comfyui_tree "$COMFYUI_PATH" ||
             cid_fail "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI folder (it needs main.py, nodes.py, folder_paths.py and comfy/). Point it at your ComfyUI folder, or unset it to have the pack set up its own ComfyUI."
-        cid_say "using your ComfyUI at $COMFYUI_PATH (it is not modified)"
+        cid_say "using the ComfyUI at $COMFYUI_PATH (from COMFYUI_PATH; not modified)"
         (cd "$COMFYUI_PATH" && pwd)
         return
     fi
