@@ -11,6 +11,7 @@ same graph on random weights built on the fly to check an install: its pictures 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     titles = {k: v.get("_meta", {}).get("title", v["class_type"]) for k, v in prompt.items()}
     os.makedirs(args.out, exist_ok=True)
     input_dir = tempfile.mkdtemp(prefix="consistentid-input-")
+    atexit.register(shutil.rmtree, input_dir, ignore_errors=True)
     base = None
     if args.smoke:
         print("SMOKE MODE: random weights, the pictures are NOISE. This only checks that the install works.")
@@ -149,6 +151,8 @@ def main(argv=None) -> int:
         from tools import smoke_models
 
         base = tempfile.mkdtemp(prefix="consistentid-smoke-")
+        # Its model files are links to (or, across file systems, copies of) the cached stand-ins.
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from comfy_host import ComfyHost, WorkflowError
 
