@@ -59,7 +59,7 @@ cid_say "3/4 requirements"
 if [ "$OWN_PYTHON" = 1 ] || [ "$OWN_COMFYUI" = 1 ]; then
     bash "$HERE/tools/setup_comfyui.sh" --install-requirements "$PYTHON"
 fi
-pip_install_once "$PYTHON" "consistentid-requirements" "$HERE/requirements.txt"
+pip_install_once "$PYTHON" "pack-requirements" "$HERE/requirements.txt"
 
 if [ "$OWN_COMFYUI" = 1 ]; then
     # Lets the ComfyUI app of this tree (python main.py) find the pack; the runner below loads it directly.
