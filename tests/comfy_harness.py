@@ -51,6 +51,9 @@ PACK_MODEL_FOLDERS = ("consistentid", "insightface")
 COMFYUI_TOP_LEVEL = ("nodes", "execution", "folder_paths", "server", "comfy", "comfy_api", "comfy_execution",
                      "utils", "app")
 
+# Set by .ci/run after it has provided ComfyUI: from then on a missing COMFYUI_PATH fails a test.
+REQUIRE_ENV = "CID_REQUIRE_COMFYUI"
+
 _session: ComfySession | None = None
 _init_error: BaseException | None = None
 
@@ -59,8 +62,12 @@ def comfyui_path_or_skip() -> str:
     """The ComfyUI checkout to test against; skips the calling test when none is configured."""
     path = os.environ.get("COMFYUI_PATH", "").strip()
     if not path:
-        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout (v0.3.64 is tested) "
-                    "to run the tests inside a real ComfyUI")
+        message = ("COMFYUI_PATH is not set: point it at a ComfyUI checkout (v0.3.64 is tested) "
+                   "to run the tests inside a real ComfyUI")
+        if os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0"):
+            # CI sets this once it has provided ComfyUI: a skip would hide that a test never ran.
+            pytest.fail(f"{message} ({REQUIRE_ENV} is set, so this is a failure, not a skip)")
+        pytest.skip(message)
     path = os.path.abspath(os.path.expanduser(path))
     missing = [name for name in ("nodes.py", "execution.py", "folder_paths.py", "comfy") if
                not os.path.exists(os.path.join(path, name))]

@@ -36,7 +36,15 @@ def smoke_prompt(filename_prefix: str) -> dict:
 
 def test_without_comfyui_path_the_session_skips(monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("CID_REQUIRE_COMFYUI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="COMFYUI_PATH is not set"):
+        comfy_session()
+
+
+def test_when_ci_requires_comfyui_a_missing_path_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv("CID_REQUIRE_COMFYUI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CID_REQUIRE_COMFYUI is set, so this is a failure"):
         comfy_session()
 
 
