@@ -6,6 +6,11 @@ fp32/bf16 tensors, flat files with ``FacialEncoder.`` / ``image_proj(_model).`` 
 ``adapter_modules.`` prefixes (``unet.*`` training keys are ignored), and ``.safetensors``.
 Everything that goes wrong raises :class:`CheckpointError` naming the file and the problem.
 
+Nothing is built from a file before it has been checked: every entry must be a floating-point,
+finite tensor under a string key, the layout metadata must be of plausible size, and every key and
+shape must match what the modules need (computed on the meta device, which allocates nothing).
+Only then are the modules built, so their size is bounded by the tensors the file really holds.
+
 Files written by :func:`save_checkpoint` carry the UNet layout in their metadata (``unet_layout``),
 which is what lets a file trained for another base model (widths other than 768/2048) load: its
 modules are rebuilt from that layout.  Official files have no such metadata and are recognised by
@@ -40,6 +45,16 @@ IGNORED_PREFIXES = ("unet.",)
 # Prefixes that later format versions may add (the FlexID attribute branch); kept, not rejected.
 EXTRA_PREFIXES = ("attribute_",)
 _SHOW = 4
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".sft", ".pt", ".pth", ".ckpt")
+
+# Bounds on what ``unet_layout`` metadata may describe.  Real UNets stay far below them (SDXL: 3
+# blocks, widths up to 2048, depth 10); they keep a crafted header from making the layer table or
+# the shape computation loop for ever.  Memory is bounded separately: nothing is built before the
+# file's own tensors have been matched key by key.
+MAX_LAYOUT_WIDTH = 8192
+MAX_LAYOUT_BLOCKS = 8
+MAX_TRANSFORMER_DEPTH = 64
+MAX_LAYERS_PER_BLOCK = 8
 
 
 @dataclass
@@ -122,7 +137,18 @@ def _read_torch_pickle(path: str):
     return data, {}, "torch"
 
 
+def _describe_folder(path: str) -> str:
+    try:
+        weights = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES))
+    except OSError:
+        weights = []
+    hint = f" (it holds {weights[:_SHOW]})" if weights else ""
+    return f"{path} is a folder, not a weight file; choose the .bin or .safetensors file inside it{hint}"
+
+
 def _read(path: str):
+    if os.path.isdir(path):
+        raise _fail(path, _describe_folder(path))
     if not os.path.isfile(path):
         raise _fail(path, f"file not found at {path}")
     if os.path.getsize(path) == 0:
@@ -175,6 +201,9 @@ def _group(path: str, data) -> tuple[dict, dict, dict, dict]:
         for name, part in zip(("FacialEncoder", proj_key, "adapter_modules"), parts):
             if not isinstance(part, dict):
                 raise _fail(path, f"its '{name}' entry is a {type(part).__name__}, expected a dict of tensors")
+            if not part:
+                raise _fail(path, f"its '{name}' entry is empty (no tensors); the file is incomplete or was "
+                                  "saved before training wrote any weights: use the complete file")
         return dict(parts[0]), dict(parts[1]), dict(parts[2]), _nested_extra(data)
     if not all(isinstance(k, str) for k in data):
         raise _fail(path, _describe_foreign(map(str, data)))
@@ -199,14 +228,80 @@ def _group(path: str, data) -> tuple[dict, dict, dict, dict]:
     return groups["FacialEncoder."], groups["image_proj."], groups["adapter_modules."], extra
 
 
+def _non_finite_counts(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count).
+
+    A float32 sum is NaN or Inf whenever one element is, and costs a fifth of an element-wise
+    ``isfinite`` pass, so the usual finite tensor is cleared by the sum alone; only a sum that is not
+    finite (damage, or real overflow of huge values) is counted element by element.
+    """
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return 0, 0
+    values = tensor.float()
+    return int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+
+
 def _check_tensors(path, part, state):
+    """Every entry a finite floating-point tensor under a string key, named by ``part.key`` when not.
+
+    Integer or bool tensors would be cast to float silently and NaN/Inf would turn every image
+    black, so both are refused here, before anything is built.
+    """
+    prefix = f"{part}." if part else ""
+    not_named = [k for k in state if not isinstance(k, str)]
+    if not_named:
+        raise _fail(path, f"{part or 'the file'} has keys that are not names ({not_named[:_SHOW]}, "
+                          f"{type(not_named[0]).__name__}); ConsistentID files key every tensor by a string")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise _fail(path, f"{part} entries {bad[:_SHOW]} are not tensors")
+        kinds = type(state[bad[0]]).__name__
+        raise _fail(path, f"entries {[prefix + k for k in bad[:_SHOW]]} are not tensors (the first is a {kinds}); "
+                          "the file is not a ConsistentID weight file or was converted wrongly")
+    for key, tensor in state.items():
+        if not tensor.dtype.is_floating_point:
+            raise _fail(path, f"{prefix}{key} holds {tensor.dtype} values, but weights must be floating point; "
+                              "the file was converted wrongly or is of another kind")
+    damaged = {}
+    for key, tensor in state.items():
+        nan, inf = _non_finite_counts(tensor)
+        if nan or inf:
+            damaged[key] = (nan, inf, tensor.numel())
+    if damaged:
+        key, (nan, inf, total) = next(iter(damaged.items()))
+        others = f", and {len(damaged) - 1} more {part or 'extra'} tensors are damaged too" if len(damaged) > 1 else ""
+        raise _fail(path, f"{prefix}{key} holds {nan} NaN and {inf} Inf values (of {total}){others}; the weights "
+                          "are damaged (a diverged training run or a broken conversion): use another copy")
 
 
 def layout_metadata(layout: UNetLayout) -> str:
     return json.dumps(asdict(layout), sort_keys=True)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _implausible_layout(layout: UNetLayout) -> str | None:
+    """Why ``layout`` cannot be a real UNet (wrong types, unequal lengths, sizes beyond the bounds), or None."""
+    channels, attention, depth = layout.block_out_channels, layout.down_has_attention, layout.transformer_depth
+    if not all(isinstance(v, tuple) for v in (channels, attention, depth)):
+        return "block_out_channels, down_has_attention and transformer_depth must be lists"
+    if not 1 <= len(channels) <= MAX_LAYOUT_BLOCKS:
+        return f"{len(channels)} blocks (a UNet has 1 to {MAX_LAYOUT_BLOCKS})"
+    if len(attention) != len(channels) or len(depth) != len(channels):
+        return (f"{len(channels)} block widths but {len(attention)} attention flags and "
+                f"{len(depth)} transformer depths")
+    if not all(_is_int(c) and 1 <= c <= MAX_LAYOUT_WIDTH for c in channels):
+        return f"block widths {list(channels)} (each must be a whole number from 1 to {MAX_LAYOUT_WIDTH})"
+    if not all(isinstance(a, bool) for a in attention):
+        return f"down_has_attention {list(attention)} (each must be true or false)"
+    if not all(_is_int(d) and 0 <= d <= MAX_TRANSFORMER_DEPTH for d in depth):
+        return f"transformer depths {list(depth)} (each must be a whole number from 0 to {MAX_TRANSFORMER_DEPTH})"
+    if not (_is_int(layout.cross_attention_dim) and 1 <= layout.cross_attention_dim <= MAX_LAYOUT_WIDTH):
+        return f"cross-attention width {layout.cross_attention_dim!r} (at most {MAX_LAYOUT_WIDTH})"
+    if not (_is_int(layout.layers_per_block) and 1 <= layout.layers_per_block <= MAX_LAYERS_PER_BLOCK):
+        return f"layers_per_block {layout.layers_per_block!r} (1 to {MAX_LAYERS_PER_BLOCK})"
+    return None
 
 
 def _layout_from_metadata(path, metadata) -> UNetLayout | None:
@@ -215,10 +310,15 @@ def _layout_from_metadata(path, metadata) -> UNetLayout | None:
         return None
     try:
         fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise TypeError(f"a {type(fields).__name__}, not an object")
         layout = UNetLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        layer_table(layout)
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError) as exc:
         raise _fail(path, f"its {LAYOUT_METADATA_KEY} metadata is not a UNet layout ({exc}): {text[:200]}") from exc
+    problem = _implausible_layout(layout)
+    if problem:
+        raise _fail(path, f"its {LAYOUT_METADATA_KEY} metadata describes no plausible UNet: {problem}; "
+                          "the metadata is damaged or crafted")
     return layout
 
 
@@ -226,6 +326,8 @@ def _detect_arch(path, proj_state, facial_state, layout: UNetLayout | None) -> s
     norm = proj_state.get("norm.weight")
     if norm is None:
         raise _fail(path, "cannot tell the architecture: image_proj has no 'norm.weight'")
+    if norm.ndim != 1:
+        raise _fail(path, f"image_proj.norm.weight has shape {list(norm.shape)}, expected one dimension (the width)")
     width = int(norm.shape[0])
     if layout is not None:
         if layout.cross_attention_dim != width:
@@ -239,12 +341,14 @@ def _detect_arch(path, proj_state, facial_state, layout: UNetLayout | None) -> s
                           f"2048 = SDXL; a file trained for another base model needs the {LAYOUT_METADATA_KEY} "
                           "metadata that save_checkpoint writes)")
     fuse = facial_state.get("fuse_module.layer_norm.weight")
-    if fuse is not None and int(fuse.shape[0]) != width:
-        raise _fail(path, f"inconsistent file: FacialEncoder width {int(fuse.shape[0])} but image_proj width {width}")
+    if fuse is not None and (fuse.ndim != 1 or int(fuse.shape[0]) != width):
+        raise _fail(path, f"inconsistent file: FacialEncoder.fuse_module.layer_norm.weight has shape {list(fuse.shape)} "
+                          f"but image_proj is {width} wide")
     return arch
 
 
 def _build_modules(path, arch: str, width: int) -> tuple[FacialEncoder, ProjPlusModel]:
+    """Fresh modules for ``arch``; on the meta device (``with torch.device("meta")``) they cost nothing."""
     if arch in LAYOUTS:
         return build_facial_encoder(arch), build_image_proj(arch)
     # The perceiver of ProjPlusModel runs width // 64 heads of 64 channels.
@@ -269,8 +373,20 @@ def _check_layout(path, part, expected: dict, state: dict) -> None:
             raise _fail(path, f"shape mismatch at {part}.{key}: file has {list(state[key].shape)}, expected {list(shape)}")
 
 
+def _state_shapes(module: torch.nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _module_shapes(path, arch: str, width: int) -> tuple[dict, dict]:
+    """{key: shape} of the FacialEncoder and image_proj that ``arch``/``width`` needs, without allocating:
+    the modules are made on the meta device, which records shapes only."""
+    with torch.device("meta"):
+        facial, proj = _build_modules(path, arch, width)
+    return _state_shapes(facial), _state_shapes(proj)
+
+
 def _load_module(path, part, module, state, dtype):
-    _check_layout(path, part, {k: tuple(v.shape) for k, v in module.state_dict().items()}, state)
+    _check_layout(path, part, _state_shapes(module), state)
     module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     module.to(dtype).eval()
     module.requires_grad_(False)
@@ -289,11 +405,11 @@ def _expected_adapter_shapes(layout):
     return shapes
 
 
-def _load_adapter(path, arch, layout, state, dtype):
-    _check_tensors(path, "adapter_modules", state)
+def _check_adapter(path, arch, layout, state) -> dict:
+    """The adapter's {key: shape} after checking ``state`` against it (keys are strings: see _check_tensors)."""
     expected = _expected_adapter_shapes(layout)
     indices = {k.split(".", 1)[0] for k in state}
-    if not all(i.isdigit() for i in indices):
+    if not all(i.isascii() and i.isdigit() for i in indices):
         raise _fail(path, f"adapter_modules keys must start with a processor index, found {sorted(indices)[:_SHOW]}")
     count = 1 + max(int(i) for i in indices)
     want = len(layer_table(layout))
@@ -301,6 +417,10 @@ def _load_adapter(path, arch, layout, state, dtype):
         label = ARCH_LABEL.get(arch, "file of this UNet layout")
         raise _fail(path, f"adapter_modules has {count} processors; a {label} ConsistentID file has {want}")
     _check_layout(path, "adapter_modules", expected, state)
+    return expected
+
+
+def _adapter_tensors(expected, state, dtype):
     adapter: dict[int, dict[str, torch.Tensor]] = {}
     for key in expected:
         tensor = state[key]
@@ -315,17 +435,25 @@ def load_checkpoint(path, device="cpu", dtype=None) -> ConsistentIDCheckpoint:
     dtype = dtype or torch.float32
     data, metadata, source_format = _read(path)
     facial_state, proj_state, adapter_state, extra = _group(path, data)
-    for part, state in (("FacialEncoder", facial_state), ("image_proj", proj_state)):
+    for part, state in (("FacialEncoder", facial_state), ("image_proj", proj_state),
+                        ("adapter_modules", adapter_state), ("", extra)):
         _check_tensors(path, part, state)
     layout = _layout_from_metadata(path, metadata)
     arch = _detect_arch(path, proj_state, facial_state, layout)
     if metadata.get("arch") and metadata["arch"] != arch:
         raise _fail(path, f"metadata says {metadata['arch']} but the weights are {arch}")
     layout = layout or LAYOUTS[arch]
-    facial, proj = _build_modules(path, arch, layout.cross_attention_dim)
+    width = layout.cross_attention_dim
+    facial_shapes, proj_shapes = _module_shapes(path, arch, width)
+    _check_layout(path, "FacialEncoder", facial_shapes, facial_state)
+    _check_layout(path, "image_proj", proj_shapes, proj_state)
+    adapter_shapes = _check_adapter(path, arch, layout, adapter_state)
+    # Built only now that the file has supplied every tensor the modules hold, at the right shape:
+    # a few-KB file claiming a huge width never gets this far.
+    facial, proj = _build_modules(path, arch, width)
     _load_module(path, "FacialEncoder", facial, facial_state, dtype)
     _load_module(path, "image_proj", proj, proj_state, dtype)
-    adapter = _load_adapter(path, arch, layout, adapter_state, dtype)
+    adapter = _adapter_tensors(adapter_shapes, adapter_state, dtype)
     meta = {"arch": arch, "source_format": source_format}
     meta.update(metadata)
     extra = {k: v.to(dtype) for k, v in extra.items()}

@@ -1,5 +1,6 @@
 """load_checkpoint / save_checkpoint: every accepted form, and every bad file named in the issue."""
 
+import json
 import os
 import pickle
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from consistentid_core import checkpoint as checkpoint_module
 from consistentid_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from spec_keys import flatten, random_official_state
 
@@ -223,3 +225,155 @@ def test_crafted_pickle_does_not_run_code(tmp_path):
     torch.save({"FacialEncoder": _Exploit(str(marker))}, zipped)
     _raises(zipped, "refused to load")
     assert not marker.exists()
+
+
+# ---- crafted or damaged entries (issue 13): refused by name, before anything is built -----------
+
+
+def _small_nested(**changes):
+    """A nested file of the official form with one tensor per part: enough to reach the entry checks."""
+    nested = {
+        "FacialEncoder": {"fuse_module.layer_norm.weight": torch.ones(768)},
+        "image_proj": {"norm.weight": torch.ones(768)},
+        "adapter_modules": {"0.to_q_lora.down.weight": torch.zeros(128, 320)},
+    }
+    nested.update(changes)
+    return nested
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    folder = tmp_path / "ConsistentID"
+    folder.mkdir()
+    (folder / "ConsistentID-v1.bin").write_bytes(b"x")
+    message = _raises(folder, "is a folder, not a weight file", "ConsistentID-v1.bin")
+    assert "not found" not in message
+
+
+def test_empty_adapter_modules_in_a_nested_file(tmp_path):
+    path = tmp_path / "empty_adapter.bin"
+    torch.save(_small_nested(adapter_modules={}), path)
+    _raises(path, "'adapter_modules' entry is empty", "incomplete")
+    torch.save(_small_nested(FacialEncoder={}), path)
+    _raises(path, "'FacialEncoder' entry is empty")
+
+
+def test_integer_adapter_keys_are_named(tmp_path):
+    path = tmp_path / "int_keys.bin"
+    torch.save(_small_nested(adapter_modules={0: torch.zeros(2), 1: torch.zeros(2)}), path)
+    _raises(path, "adapter_modules has keys that are not names ([0, 1], int)")
+
+
+@pytest.mark.parametrize("extra, named, kind", [
+    ({"attribute_proj": {"queries": [1.0, 2.0]}}, "attribute_proj.queries", "list"),
+    ({"attribute_scale": 0.5}, "attribute_scale", "float"),
+    ({"attribute_proj": {"layers": {"0": torch.zeros(2)}}}, "attribute_proj.layers", "dict"),
+])
+def test_a_non_tensor_attribute_entry_is_named(tmp_path, extra, named, kind):
+    path = tmp_path / "attribute.bin"
+    torch.save(_small_nested(**extra), path)
+    _raises(path, f"entries ['{named}'] are not tensors (the first is a {kind})")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_integer_or_bool_weights_are_refused_by_key(tmp_path, dtype):
+    state = _small_nested()
+    state["adapter_modules"]["0.to_q_lora.down.weight"] = torch.zeros(128, 320, dtype=dtype)
+    path = tmp_path / "ints.bin"
+    torch.save(state, path)
+    _raises(path, f"adapter_modules.0.to_q_lora.down.weight holds {dtype} values", "floating point")
+
+
+def test_nan_and_inf_weights_are_refused_with_key_and_count(tmp_path):
+    norm = torch.ones(768)
+    norm[[3, 5]] = float("nan")
+    norm[7] = float("inf")
+    bad_adapter = torch.zeros(128, 320)
+    bad_adapter[0, 0] = -float("inf")
+    flat = {"FacialEncoder.fuse_module.layer_norm.weight": torch.ones(768), "image_proj.norm.weight": norm,
+            "adapter_modules.0.to_q_lora.down.weight": bad_adapter}
+    path = tmp_path / "diverged.safetensors"
+    save_file(flat, str(path))
+    _raises(path, "image_proj.norm.weight holds 2 NaN and 1 Inf values (of 768)", "damaged")
+
+    flat["image_proj.norm.weight"] = torch.ones(768, dtype=torch.bfloat16)
+    save_file(flat, str(path))
+    message = _raises(path, "adapter_modules.0.to_q_lora.down.weight holds 0 NaN and 1 Inf values (of 40960)")
+    assert "more" not in message  # one damaged tensor, not "n more"
+
+    flat["adapter_modules.1.to_q_lora.down.weight"] = torch.full((4,), float("nan"))
+    save_file(flat, str(path))
+    _raises(path, "and 1 more adapter_modules tensors are damaged too")
+
+
+def test_nan_in_an_attribute_entry_is_refused(tmp_path):
+    path = tmp_path / "attribute_nan.bin"
+    torch.save(_small_nested(attribute_proj={"queries": torch.tensor([1.0, float("nan")])}), path)
+    _raises(path, "attribute_proj.queries holds 1 NaN and 0 Inf values (of 2)")
+
+
+def test_huge_finite_values_are_not_mistaken_for_damage(tmp_path):
+    # Their float32 sum overflows; the element-wise recount must clear them, and the file then fails
+    # only later, at the layout check, for lacking keys.
+    state = _small_nested()
+    state["FacialEncoder"]["fuse_module.layer_norm.weight"] = torch.full((768,), 3e38)
+    path = tmp_path / "huge.bin"
+    torch.save(state, path)
+    message = _raises(path, "FacialEncoder does not match the ConsistentID layout")
+    assert "NaN" not in message
+
+
+def _crafted_layout_file(path, width: int, layout: dict) -> None:
+    tensors = {"FacialEncoder.fuse_module.layer_norm.weight": torch.ones(width),
+               "image_proj.norm.weight": torch.ones(width),
+               "adapter_modules.0.to_q_lora.down.weight": torch.zeros(1)}
+    save_file(tensors, str(path), metadata={"unet_layout": json.dumps(layout)})
+
+
+SD15_BLOCKS = {"block_out_channels": [320, 640, 1280, 1280], "down_has_attention": [True, True, True, False],
+               "transformer_depth": [1, 1, 1, 1], "layers_per_block": 2}
+
+
+def test_crafted_layout_claiming_a_huge_width_is_refused_before_building(tmp_path, monkeypatch):
+    path = tmp_path / "crafted.safetensors"
+    _crafted_layout_file(path, 4096, {**SD15_BLOCKS, "cross_attention_dim": 4096})
+    assert path.stat().st_size < 64 * 1024  # a few KB claiming modules of several GB
+
+    built = []
+
+    def recording(cls):
+        def build(*args, **kwargs):
+            module = cls(*args, **kwargs)
+            built.append((cls.__name__, {p.device.type for p in module.parameters()}))
+            return module
+        return build
+
+    monkeypatch.setattr(checkpoint_module, "FacialEncoder", recording(checkpoint_module.FacialEncoder))
+    monkeypatch.setattr(checkpoint_module, "ProjPlusModel", recording(checkpoint_module.ProjPlusModel))
+    _raises(path, "FacialEncoder does not match the ConsistentID layout", "missing keys")
+    # The shapes were computed on the meta device, and no module was built for real.
+    assert built == [("FacialEncoder", {"meta"}), ("ProjPlusModel", {"meta"})]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"cross_attention_dim": 100_000}, "cross-attention width 100000 (at most 8192)"),
+    ({"transformer_depth": [1, 1, 1, 10**9]}, "transformer depths"),
+    ({"block_out_channels": [320] * 50, "down_has_attention": [True] * 50, "transformer_depth": [1] * 50},
+     "50 blocks"),
+    ({"down_has_attention": [True, True]}, "4 block widths but 2 attention flags"),
+    ({"layers_per_block": 10**6}, "layers_per_block 1000000"),
+    ({"cross_attention_dim": 768.0}, "cross-attention width 768.0"),
+    ({"block_out_channels": [320, 640, "x", 1280]}, "block widths"),
+])
+def test_implausible_layout_metadata_is_refused(tmp_path, change, fragment):
+    path = tmp_path / "implausible.safetensors"
+    layout = {**SD15_BLOCKS, "cross_attention_dim": 768, **change}
+    width = layout["cross_attention_dim"] if isinstance(layout["cross_attention_dim"], int) else 768
+    _crafted_layout_file(path, min(width, 8192), layout)
+    _raises(path, "unet_layout metadata describes no plausible UNet", fragment)
+
+
+def test_layout_metadata_that_is_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "list_layout.safetensors"
+    save_file({"image_proj.norm.weight": torch.ones(768), "FacialEncoder.x": torch.ones(1),
+               "adapter_modules.0.x": torch.ones(1)}, str(path), metadata={"unet_layout": "[1, 2]"})
+    _raises(path, "unet_layout metadata is not a UNet layout", "a list, not an object")
