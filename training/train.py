@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -22,15 +21,18 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from consistentid_core.checkpoint import load_checkpoint, save_checkpoint
-from consistentid_core.errors import ConsistentIDError, TrainingConfigError
+from consistentid_core.errors import CheckpointError, ConsistentIDError, TrainingConfigError
 
 from .base_models import check_architecture, describe_layout, load_base_models
 from .config import TrainConfig, parse_args
 from .dataset import ConsistentIDDataset, EpochSampler
+from .disk import atomic_copy, folder_bytes, replacing, write_errors
 from .losses import AttentionRecorder, attention_blocks, default_blocks
 from .manifest import load_entries, report_captions
 from .modules import build_trainee
-from .state import ADAPTER_FILE, checkpoint_dir, check_resume_settings, read_state, resolve_resume, rotate, write_state
+from .state import ADAPTER_FILE, check_resume_settings, checkpoint_dir, checkpoints_root, clear_staging
+from .state import commit_checkpoint, continued_run, damaged, new_run_id, note_earlier_runs, resume_candidates, rotate
+from .state import run_checkpoints, staging_dir, verify_files
 from .texts import DEFAULT_FACIAL_CAPTION
 from .trainer import ConsistentIDStep, step_generator
 
@@ -78,6 +80,7 @@ class TrainingRun:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        self.run_id, self.parent = new_run_id(), None  # a resumed run takes its checkpoint's (resume_point)
         self.accelerator = accelerator = make_accelerator(config)
         entries = load_entries(config.manifest, config.data_root, config.parsing_root, config.faceid_root,
                                config.max_problems_shown)
@@ -159,15 +162,34 @@ class TrainingRun:
         return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.config.to_dict().items()}
 
     def resume_point(self) -> tuple[int, int]:
+        """Loads the checkpoint to resume from and sets the run id; (global step, micro-step)."""
         config = self.config
         if not config.resume_from_checkpoint:
+            if self.accelerator.is_main_process:
+                note_earlier_runs(config.output_dir)
             return 0, 0
-        folder = resolve_resume(config.output_dir, config.resume_from_checkpoint)
-        self.accelerator.load_state(folder)
-        state = read_state(folder)
-        check_resume_settings(state["settings"], self.resume_settings(), folder)
-        logger.info("resumed from %s at step %d", folder, state["global_step"])
-        return int(state["global_step"]), int(state["micro_step"])
+        latest = config.resume_from_checkpoint == "latest"
+        unusable = []
+        for ckpt in resume_candidates(config.output_dir, config.resume_from_checkpoint):
+            try:
+                verify_files(ckpt)
+                self.accelerator.load_state(ckpt.folder)
+            except Exception as exc:  # torch, safetensors and pickle each fail in their own way on a damaged file
+                error = damaged(ckpt, exc)
+                if not latest:
+                    raise error from exc
+                logger.warning("%s; falling back to the previous checkpoint of this run", error)
+                unusable.append(ckpt)
+                continue
+            check_resume_settings(ckpt.settings, self.resume_settings(), ckpt.folder)
+            self.run_id, self.parent = continued_run(config.output_dir, ckpt, unusable)
+            if unusable:
+                logger.warning("resumed from %s instead of the damaged %s", ckpt.name, ", ".join(c.name for c in unusable))
+            logger.info("resumed from %s at step %d", ckpt.folder, ckpt.step)
+            return ckpt.step, ckpt.micro_step
+        raise CheckpointError("resume_from_checkpoint is 'latest' but no checkpoint of the last run can be loaded: "
+                              + "; ".join(c.name for c in unusable) + ". Resume from another checkpoint folder "
+                              "explicitly, or start again without resume_from_checkpoint")
 
     def resume_settings(self) -> dict:
         settings = {k: getattr(self.config, k) for k in ("seed", "train_batch_size", "gradient_accumulation_steps",
@@ -175,22 +197,65 @@ class TrainingRun:
         settings["num_processes"] = self.accelerator.num_processes
         return settings
 
+    def checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes: the last one of this run, else 4 fp32 copies of the trainable
+        weights (weights, AdamW's two moments, the adapter file)."""
+        own = run_checkpoints(self.config.output_dir, self.run_id)
+        if own:
+            return folder_bytes(own[-1].folder)
+        trainee = self.accelerator.unwrap_model(self.trainee)
+        return 16 * sum(p.numel() for p in trainee.trainable_parameters())
+
+    def _space_advice(self) -> str:
+        limit = self.config.checkpoints_total_limit
+        return (f"free space there, lower checkpoints_total_limit (now {limit}; while a checkpoint is written, one more "
+                "than the limit is on disk) or set output_dir to a disk with room, then continue with "
+                "--resume-from-checkpoint latest (finished checkpoints are complete)")
+
     def save(self, global_step: int, micro_step: int) -> str:
+        """Writes checkpoint-<global_step> into a staging folder and renames it when complete."""
         accelerator, config = self.accelerator, self.config
-        folder = checkpoint_dir(config.output_dir, global_step)
-        accelerator.save_state(folder)
-        if accelerator.is_main_process:
-            self.save_adapter(os.path.join(folder, ADAPTER_FILE), global_step)
-            write_state(folder, {"global_step": global_step, "micro_step": micro_step, "settings": self.resume_settings()})
-            rotate(config.output_dir, config.checkpoints_total_limit)
+        staging = staging_dir(config.output_dir, global_step)
+        main = accelerator.is_main_process
+        if main:
+            clear_staging(staging)
         accelerator.wait_for_everyone()
-        return folder
+        what, needed, advice = f"checkpoint-{global_step}", self.checkpoint_bytes(), self._space_advice()
+        where = checkpoints_root(config.output_dir)
+        with write_errors(what, where, needed, advice, staging if main else None):
+            accelerator.save_state(staging)
+        accelerator.wait_for_everyone()
+        if main:
+            with write_errors(what, where, needed, advice, staging):
+                self.save_adapter(os.path.join(staging, ADAPTER_FILE), global_step)
+                state = {"micro_step": micro_step, "settings": self.resume_settings(), "run_id": self.run_id,
+                         "parent": self.parent}
+                commit_checkpoint(config.output_dir, staging, global_step, state)
+            rotate(config.output_dir, config.checkpoints_total_limit, self.run_id)
+        accelerator.wait_for_everyone()
+        return checkpoint_dir(config.output_dir, global_step)
 
     def save_adapter(self, path: str, global_step: int) -> None:
         trainee = self.accelerator.unwrap_model(self.trainee)
         metadata = {"trained_steps": global_step, "base_model": os.path.basename(os.path.normpath(self.models.source)),
                     "resolution": self.config.resolution, "producer": "consistentid training"}
-        save_checkpoint(trainee.to_checkpoint(), path, metadata)
+        with replacing(path) as tmp:
+            save_checkpoint(trainee.to_checkpoint(), tmp, metadata)
+
+    def write_final(self, global_step: int, saved: tuple[int, str] | None) -> str:
+        """<output_dir>/consistentid.safetensors, replaced in one step (a copy of the last checkpoint's adapter)."""
+        final = os.path.join(self.config.output_dir, ADAPTER_FILE)
+        trainee = self.accelerator.unwrap_model(self.trainee)
+        needed = 4 * sum(p.numel() for p in trainee.trainable_parameters())
+        copy = saved[0] == global_step if saved else False
+        advice = (f"the same weights are in {os.path.join(saved[1], ADAPTER_FILE)}: copy that file once there is room"
+                  if copy else f"free space on the disk of {final} and run again with --resume-from-checkpoint latest")
+        with write_errors("the trained weights", final, needed, advice):
+            if copy:
+                atomic_copy(os.path.join(saved[1], ADAPTER_FILE), final)
+            else:
+                self.save_adapter(final, global_step)
+        return final
 
     def validate(self, global_step: int) -> dict:
         if not self.val_entries:
@@ -263,10 +328,7 @@ class TrainingRun:
         progress.close()
         final = os.path.join(config.output_dir, ADAPTER_FILE)
         if accelerator.is_main_process:
-            if saved and saved[0] == global_step:
-                shutil.copyfile(os.path.join(saved[1], ADAPTER_FILE), final)
-            else:
-                self.save_adapter(final, global_step)
+            self.write_final(global_step, saved)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainResult(global_step, final, history, validation, accelerator.is_main_process)
