@@ -1,9 +1,12 @@
 """The training manifest (the official JSON list, spec §3.1) and the ArcFace embedding files.
 
-Every entry is checked before training starts (files present, label maps single-channel and the
-size of their image, embeddings present): a data set with problems is refused with one
-:class:`TrainingDataError` that lists them, instead of failing hours into a run.  Over-long
-captions are not an error (training has a fallback for them) but are reported.
+Every entry is checked before training starts, as deeply as a training step would read it: each
+image and label map fully decoded (a truncated JPEG is found here, not at the first batch that
+reaches it), label maps single-channel, the size of their image and with BiSeNet's 19 labels,
+each embedding loaded, of shape [1, 512] and finite, and no image listed twice.  A data set with
+problems is refused with one :class:`TrainingDataError` that lists them all, instead of failing
+hours into a run.  Over-long captions are not an error (training has a fallback for them) but
+are reported.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +26,7 @@ from safetensors.numpy import save_file as save_numpy
 from tqdm.auto import tqdm
 
 from consistentid_core.errors import TrainingDataError
+from consistentid_core.parsing import NUM_LABELS
 
 from .texts import DEFAULT_CAPTION, caption_issue
 
@@ -104,38 +110,67 @@ def to_entries(records: list[dict], manifest_path: str, data_root=None, parsing_
     return entries, problems
 
 
-def _header(path: str):
+def _decode(path: str) -> Image.Image:
+    """The fully decoded image: reading only the header would miss a file cut short."""
     with Image.open(path) as img:
-        return img.size, img.mode
+        img.load()
+        return img
+
+
+def _read_problem(entry: Entry, what: str, path: str) -> tuple[Image.Image | None, str | None]:
+    if not os.path.isfile(path):
+        return None, f"{entry.name}: {what} not found: {path}"
+    try:
+        return _decode(path), None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return None, f"{entry.name}: {what} {path} cannot be decoded ({exc}); replace the file or remove the entry"
 
 
 def entry_problems(entry: Entry) -> list[str]:
-    """Everything wrong with one entry's files, read from the file headers only."""
+    """Everything wrong with one entry's files, each read completely, as a training step reads it."""
     problems = []
-    image_size = None
-    if not os.path.isfile(entry.image):
-        problems.append(f"{entry.name}: image not found: {entry.image}")
-    else:
-        try:
-            image_size, _ = _header(entry.image)
-        except (UnidentifiedImageError, OSError) as exc:
-            problems.append(f"{entry.name}: image unreadable: {entry.image} ({exc})")
-    if not os.path.isfile(entry.labels):
-        problems.append(f"{entry.name}: label map not found: {entry.labels}")
-    else:
-        try:
-            label_size, mode = _header(entry.labels)
-        except (UnidentifiedImageError, OSError) as exc:
-            problems.append(f"{entry.name}: label map unreadable: {entry.labels} ({exc})")
+    image, problem = _read_problem(entry, "image", entry.image)
+    problems += [problem] if problem else []
+    labels, problem = _read_problem(entry, "label map", entry.labels)
+    problems += [problem] if problem else []
+    if labels is not None:
+        if labels.mode not in LABEL_MODES:
+            problems.append(f"{entry.name}: label map {entry.labels} is a {labels.mode} image; {LABELS_FIELD} must be the "
+                            "single-channel BiSeNet label PNG, not the coloured preview")
+        elif image is not None and labels.size != image.size:
+            problems.append(f"{entry.name}: label map {entry.labels} is {labels.size[0]}x{labels.size[1]} but the image "
+                            f"is {image.size[0]}x{image.size[1]}; parse the resized image again")
+        elif int(np.asarray(labels).max(initial=0)) >= NUM_LABELS:
+            problems.append(f"{entry.name}: label map {entry.labels} holds label {int(np.asarray(labels).max())}; BiSeNet "
+                            f"labels are 0..{NUM_LABELS - 1} (parse the image again with the 19-class face parser)")
+    if entry.embed is not None:
+        if not os.path.isfile(entry.embed):
+            problems.append(f"{entry.name}: ID embedding not found: {entry.embed}")
         else:
-            if mode not in LABEL_MODES:
-                problems.append(f"{entry.name}: label map {entry.labels} is a {mode} image; {LABELS_FIELD} must be the "
-                                "single-channel BiSeNet label PNG, not the coloured preview")
-            elif image_size is not None and label_size != image_size:
-                problems.append(f"{entry.name}: label map {entry.labels} is {label_size[0]}x{label_size[1]} but the image "
-                                f"is {image_size[0]}x{image_size[1]}; parse the resized image again")
-    if entry.embed is not None and not os.path.isfile(entry.embed):
-        problems.append(f"{entry.name}: ID embedding not found: {entry.embed}")
+            try:
+                read_embedding(entry.embed)
+            except TrainingDataError as exc:
+                problems.append(f"{entry.name}: {exc}")
+    return problems
+
+
+def duplicate_problems(entries: list[Entry]) -> list[str]:
+    """The same image listed twice, or one label map shared by different images (a name clash when the
+    data set was made): either trains some faces twice as often, or with another face's regions."""
+    problems = []
+    by_image, by_labels = defaultdict(list), defaultdict(list)
+    for entry in entries:
+        by_image[os.path.normcase(os.path.realpath(entry.image))].append(entry)
+        by_labels[os.path.normcase(os.path.realpath(entry.labels))].append(entry)
+    for same in by_image.values():
+        if len(same) > 1:
+            problems.append(f"entries {', '.join(str(e.index) for e in same)} list the same image {same[0].image}; "
+                            "keep one of them")
+    for same in by_labels.values():
+        images = {os.path.realpath(e.image) for e in same}
+        if len(images) > 1:
+            problems.append(f"entries {', '.join(str(e.index) for e in same)} share the label map {same[0].labels} "
+                            "but have different images; each image needs its own label map (prepare the data again)")
     return problems
 
 
@@ -151,11 +186,17 @@ def refuse(problems: list[str], what: str, shown: int) -> None:
 def load_entries(manifest: str, data_root=None, parsing_root=None, faceid_root=None, shown: int = 20):
     """Reads and checks the files of a whole manifest; returns its entries or raises TrainingDataError.
 
-    Needs no model, so a broken data set is refused before anything large is loaded.
+    Needs no model, so a broken data set is refused before anything large is loaded.  Decoding
+    runs on a few threads (PIL and numpy release the GIL while they decode).
     """
     entries, problems = to_entries(read_manifest(manifest), manifest, data_root, parsing_root, faceid_root)
-    for entry in tqdm(entries, desc="checking data set", unit="entry", disable=len(entries) < 1000):
-        problems.extend(entry_problems(entry))
+    problems += duplicate_problems(entries)
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        checked = pool.map(entry_problems, entries)
+        for found in tqdm(checked, total=len(entries), desc="checking data set", unit="entry",
+                          disable=len(entries) < 1000):
+            problems.extend(found)
     refuse(problems, f"data set {manifest}", shown)
     no_embed = [e for e in entries if e.embed is None]
     if no_embed:
@@ -204,7 +245,14 @@ def read_embedding(path: str) -> torch.Tensor:
             value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # numpy, safetensors and torch each raise their own kinds on bad files
         raise TrainingDataError(f"ID embedding {path} is unreadable ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(value, torch.Tensor) or value.numel() != ID_DIM:
+    if not isinstance(value, torch.Tensor) or value.numel() != ID_DIM or max(value.shape, default=0) != ID_DIM:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise TrainingDataError(f"ID embedding {path} holds {shape}; expected a [1, {ID_DIM}] ArcFace embedding")
-    return value.reshape(ID_DIM).float()
+    if not value.is_floating_point():
+        raise TrainingDataError(f"ID embedding {path} holds {value.dtype} numbers; an ArcFace embedding is float")
+    value = value.reshape(ID_DIM).float()
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        raise TrainingDataError(f"ID embedding {path} holds {bad} NaN/Inf value(s); compute the embedding again "
+                                "(prepare_data writes it from the photo)")
+    return value
