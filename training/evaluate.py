@@ -73,6 +73,18 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "run"
 
 
+def check_run_names(names) -> None:
+    """Refuses run names that would write the same per-image file ("a b" and "a_b"; "A" and "a" on
+    file systems that ignore case)."""
+    files: dict[str, str] = {}
+    for name in names:
+        key = _safe(name).casefold()
+        if key in files:
+            raise EvaluationError(f"runs {files[key]!r} and {name!r} would both write per_image_{_safe(name)}.csv; "
+                                  "give one of them another name with NAME=DIR")
+        files[key] = name
+
+
 def write_per_image(records: list[dict], path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=PER_IMAGE_COLUMNS, extrasaction="ignore")
@@ -87,6 +99,7 @@ def write_per_image(records: list[dict], path: str) -> None:
 def evaluate(references, generated: dict[str, str], prompts, out_dir, evaluator: Evaluator,
              class_word: str = "person", fid_real=None, extra_rows=None, percent: bool = False) -> dict:
     """Score every run in ``generated`` ({name: folder}) and write the report; returns the summary."""
+    check_run_names(generated)
     refs = load_references(references, class_word)
     runs = {name: collect_samples(folder, prompts, refs) for name, folder in generated.items()}
     real = None
@@ -160,12 +173,13 @@ def main(argv=None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        evaluator = load_models(args.facesim, args.facesim_dir, args.parser, args.dino, args.clip, args.device,
-                                parse_size=args.parse_size, min_region_pixels=args.min_region_pixels,
-                                fid_features=args.fid_features, fid_min_images=args.fid_min_images)
         runs = dict(_run_name(spec) for spec in args.generated)
         if len(runs) != len(args.generated):
             raise EvaluationError("two --generated runs have the same name; use NAME=DIR to tell them apart")
+        check_run_names(runs)  # before the models load, which takes a while
+        evaluator = load_models(args.facesim, args.facesim_dir, args.parser, args.dino, args.clip, args.device,
+                                parse_size=args.parse_size, min_region_pixels=args.min_region_pixels,
+                                fid_features=args.fid_features, fid_min_images=args.fid_min_images)
         summary = evaluate(args.references, runs, args.prompts, args.out, evaluator, args.class_word,
                            args.fid_real, args.extra_rows, args.percent)
     except EvaluationError as exc:

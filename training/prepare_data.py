@@ -8,15 +8,21 @@ ArcFace embedding of the first detected face (buffalo_l on BGR input at det 640,
 data script), and the captions.  Photos without a face, unreadable or too small ones are skipped
 and counted.  Every outcome is appended to ``prepare_log.jsonl``, so an interrupted run picks up
 where it stopped; ``manifest.json`` is written at the end.
+
+Output files are named after the source path ("a/b.jpg" -> "a__b_jpg"); sources whose names would
+clash ("a/b.jpg" and "a__b.jpg", "a.b/c.jpg" and "a_b/c.jpg") get a short hash of their path
+added, so that no photo overwrites another one's files.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +36,7 @@ from consistentid_core.face_parser import load_face_parser
 from consistentid_core.parsing import parse_image
 
 from .dataset import square_fit
+from .disk import write_errors
 from .manifest import CAPTION_FIELD, EMBED_FIELDS, FACIAL_CAPTION_FIELD, IMAGE_FIELD, LABELS_FIELD, SOURCE_FIELD
 from .manifest import write_embedding
 from .texts import DEFAULT_CAPTION, DEFAULT_FACIAL_CAPTION
@@ -102,8 +109,34 @@ def read_captions(path: str) -> dict[str, dict]:
 
 
 def output_name(relative: str) -> str:
-    """A flat, collision-free file stem for a source path: "a/b.jpg" -> "a__b_jpg"."""
+    """A flat file stem for a source path: "a/b.jpg" -> "a__b_jpg" (not unique: see :func:`output_names`)."""
     return relative.replace(os.sep, "__").replace("/", "__").replace(".", "_")
+
+
+def _path_hash(relative: str) -> str:
+    return hashlib.sha1(relative.replace(os.sep, "/").encode("utf-8")).hexdigest()[:8]
+
+
+def output_names(sources: list[str], taken: dict[str, str] | None = None) -> dict[str, str]:
+    """{source: file stem}, one distinct stem per source.
+
+    A stem that two sources share, or that ``taken`` ({stem: source} of files an earlier run
+    wrote) gives to another source, gets the hash of the source path appended; the names of
+    sources without a clash stay as they always were.
+    """
+    used = dict(taken or {})
+    plain = {source: output_name(source) for source in sources}
+    counts = Counter(plain.values())
+    names = {}
+    for source in sources:
+        stem = plain[source]
+        if counts[stem] > 1 or used.get(stem, source) != source:
+            stem = f"{stem}-{_path_hash(source)}"
+        if used.get(stem, source) != source:  # a hash clash (or a file named like a hashed stem)
+            raise TrainingDataError(f"{source} and {used[stem]} both map to the output name {stem}; rename one of them")
+        used[stem] = source
+        names[source] = stem
+    return names
 
 
 def load_photo(path: str, min_side: int) -> Image.Image:
@@ -152,6 +185,22 @@ class _Log:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def written(self) -> dict[str, str]:
+        """{file stem: source} of the finished photos, leaving out files that several sources claim
+        (an earlier version gave clashing photos one name: whichever was written last is in them)."""
+        owners: dict[str, set[str]] = {}
+        for source, record in self.records.items():
+            if record.get("status") == "ok":
+                for path in record["files"].values():
+                    owners.setdefault(path, set()).add(source)
+        shared = {source for claimants in owners.values() if len(claimants) > 1 for source in claimants}
+        for source in sorted(shared):
+            logger.warning("%s shares its prepared files with another photo (a name clash of an earlier run): "
+                           "it is prepared again", source)
+            del self.records[source]
+        return {os.path.splitext(os.path.basename(r["files"]["image"]))[0]: s
+                for s, r in self.records.items() if r.get("status") == "ok"}
+
 
 def prepare_dataset(input_dir: str, output_dir: str, analysis, parser, captions: dict | None = None, *,
                     arch: str = "sd15", min_side: int = 256, det_size: int = DET_SIZE, face_select: str = "first",
@@ -161,6 +210,7 @@ def prepare_dataset(input_dir: str, output_dir: str, analysis, parser, captions:
     for sub in ("images", "parsing", "id_embeds"):
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
     log = _Log(output_dir)
+    names = output_names(sources, log.written())
     report = PrepareReport(os.path.join(output_dir, MANIFEST_FILE))
     for source in tqdm(sources, desc="preparing", unit="photo", disable=not progress):
         done = log.records.get(source)
@@ -170,7 +220,7 @@ def prepare_dataset(input_dir: str, output_dir: str, analysis, parser, captions:
         if done and done["status"] == "skipped" and not retry_skipped:
             report.skipped[done["reason"]].append(source)
             continue
-        stem = output_name(source)
+        stem = names[source]
         files = {"image": f"images/{stem}.{image_format}", "labels": f"parsing/{stem}.png", "embed": f"id_embeds/{stem}.npy"}
         try:
             image = load_photo(os.path.join(input_dir, source), min_side)
@@ -180,10 +230,12 @@ def prepare_dataset(input_dir: str, output_dir: str, analysis, parser, captions:
             report.skipped[skip.reason].append(source)
             log.add({"source": source, "status": "skipped", "reason": skip.reason, "detail": str(skip)})
             continue
-        square.save(os.path.join(output_dir, files["image"]), **({"quality": 95} if image_format == "jpg" else {}))
-        Image.fromarray(labels).save(os.path.join(output_dir, files["labels"]))
-        write_embedding(os.path.join(output_dir, files["embed"]), embedding)
-        log.add({"source": source, "status": "ok", "files": files})
+        with write_errors(f"the prepared files of {source}", output_dir,
+                          advice="free space there and run prepare_data again: it continues where it stopped"):
+            square.save(os.path.join(output_dir, files["image"]), **({"quality": 95} if image_format == "jpg" else {}))
+            Image.fromarray(labels).save(os.path.join(output_dir, files["labels"]))
+            write_embedding(os.path.join(output_dir, files["embed"]), embedding)
+            log.add({"source": source, "status": "ok", "files": files})
         report.prepared += 1
     write_manifest(output_dir, sources, log.records, captions or {}, DEFAULT_FACIAL_CAPTION[arch])
     if not report.prepared + report.reused:
