@@ -10,8 +10,11 @@ necklace, face outline) are cut from each photo with its stored label map.  The 
 ``<output_dir>/consistentid_attributes.safetensors``, is the identity weights plus the branch: it
 loads in the nodes as before, and Apply ConsistentID Model then takes attribute embeds.
 
-This version runs in one process (no DDP) and saves no resumable state; ``max_train_steps`` and
-``checkpointing_steps`` still apply (a weight file is written at every checkpointing step).
+This version runs in one process (no DDP) and saves no resumable state (``resume_from_checkpoint``
+is refused; a snapshot can be the next run's ``init_from``); ``max_train_steps`` and
+``checkpointing_steps`` still apply: a weight snapshot is written at every checkpointing step, the
+oldest ones this run wrote are deleted beyond ``checkpoints_total_limit``, and every file is
+written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from consistentid_core.attribute_training import (
     AttributeBatch, attribute_loss_step, attribute_optimizer, install_attribute_processors,
 )
 from consistentid_core.attributes import ATTRIBUTE_NAMES, attribute_images, attribute_regions
-from consistentid_core.checkpoint import load_checkpoint, save_checkpoint
+from consistentid_core.checkpoint import checkpoint_state_dict, load_checkpoint, save_checkpoint
 from consistentid_core.clip_features import CLIP_TOKENS, CLIP_WIDTH, clip_pixel_values, zero_pixel_values
 from consistentid_core.errors import TrainingConfigError
 
 from .base_models import check_architecture, load_base_models
 from .config import TrainConfig
 from .dataset import ConsistentIDDataset, EpochSampler, _open, read_label_map
+from .disk import remove, replacing, write_errors
 from .manifest import load_entries
 from .modules import build_trainee
 from .texts import DEFAULT_FACIAL_CAPTION
@@ -90,6 +94,7 @@ class AttributeStage:
         from .train import make_accelerator
 
         self.config = config
+        self.snapshots: list[str] = []  # the snapshot folders this run wrote, oldest first
         self.accelerator = accelerator = make_accelerator(config)
         if accelerator.num_processes > 1:
             raise TrainingConfigError("the attribute stage runs in one process in this version; "
@@ -159,11 +164,29 @@ class AttributeStage:
     def save(self, path: str, global_step: int) -> str:
         ckpt = self.trainee.to_checkpoint()
         ckpt.extra = attribute_state_dict(self.branch)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        save_checkpoint(ckpt, path, {"trained_steps": global_step, "stage": "attributes",
-                                     "init_from": os.path.basename(self.config.init_from),
-                                     "producer": "consistentid training"})
+        needed = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(ckpt).values())
+        with write_errors(f"the attribute weights of step {global_step}", path, needed,
+                          "free space on that disk or set output_dir to a disk with room; the last snapshot in "
+                          f"{os.path.join(self.config.output_dir, 'checkpoints')} can be the next run's init_from"):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with replacing(path) as tmp:
+                save_checkpoint(ckpt, tmp, {"trained_steps": global_step, "stage": "attributes",
+                                            "init_from": os.path.basename(self.config.init_from),
+                                            "producer": "consistentid training"})
         return path
+
+    def snapshot(self, global_step: int) -> str:
+        """checkpoints/attributes-<step>/; beyond checkpoints_total_limit the oldest this run wrote are deleted
+        (snapshots of other runs in the same output_dir are left alone)."""
+        folder = os.path.join(self.config.output_dir, "checkpoints", f"attributes-{global_step}")
+        self.save(os.path.join(folder, ATTRIBUTE_FILE), global_step)
+        self.snapshots = [f for f in self.snapshots if f != folder] + [folder]
+        limit = self.config.checkpoints_total_limit
+        while limit and len(self.snapshots) > limit:
+            old = self.snapshots.pop(0)
+            logger.info("removing old snapshot %s", old)
+            remove(old)
+        return folder
 
     def run(self) -> AttributeResult:
         config = self.config
@@ -186,7 +209,7 @@ class AttributeStage:
                 progress.update(1)
                 progress.set_postfix(loss=f"{history[-1]['loss']:.4f}")
                 if step % config.checkpointing_steps == 0 and step < max_steps:
-                    self.save(os.path.join(config.output_dir, "checkpoints", f"attributes-{step}", ATTRIBUTE_FILE), step)
+                    self.snapshot(step)
                 if step >= max_steps:
                     break
         progress.close()

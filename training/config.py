@@ -104,6 +104,11 @@ class TrainConfig:
                      "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.stage == "attributes" and self.resume_from_checkpoint:
+            problems.append("resume_from_checkpoint: the attribute stage saves weight snapshots, not resumable training "
+                            "states. To continue from one, set init_from to it (<output_dir>/checkpoints/attributes-<step>/"
+                            "consistentid_attributes.safetensors): the branch continues from its weights with a new "
+                            "optimizer, counting max_train_steps from 0")
         if self.resolution % 8:
             problems.append(f"resolution must be a multiple of 8, got {self.resolution}")
         if any(not 0 <= t < 1000 for t in self.validation_timesteps):
