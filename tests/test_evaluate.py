@@ -271,6 +271,23 @@ def test_cli_writes_table_plot_and_per_image_scores(tmp_path, clip_dir, dino_dir
     assert json.load(open(out / "summary.json"))["runs"]["mine"]["no_face_images"][0].endswith("1.png")
 
 
+def test_run_names_that_would_write_one_file_are_refused_before_any_model_loads(tmp_path, capsys):
+    refs, gen, prompts = _layout(tmp_path)
+    with pytest.raises(EvaluationError, match=r"runs 'a b' and 'a_b' would both write per_image_a_b.csv; give one "
+                                              r"of them another name with NAME=DIR"):
+        cli.evaluate(refs, {"a b": str(gen), "a_b": str(gen)}, str(prompts), tmp_path / "out", evaluator=None)
+    with pytest.raises(EvaluationError, match="runs 'Mine' and 'mine' would both write"):  # case-blind file systems
+        cli.check_run_names(["Mine", "mine"])
+    cli.check_run_names(["mine", "theirs", "a b"])
+    # The command line refuses them before it reads --parser (a missing file here).
+    code = cli.main(["--references", str(refs), "--generated", f"a b={gen}", f"a_b={gen}", "--prompts", str(prompts),
+                     "--out", str(tmp_path / "out"), "--parser", str(tmp_path / "no_parser.pth")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "would both write per_image_a_b.csv" in error and "no_parser.pth" not in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_layouts_name_what_is_wrong(tmp_path):
     refs, gen, prompts = _layout(tmp_path)
     references = load_references(refs)
