@@ -6,6 +6,7 @@ to be shared between users, and loading a pickle runs arbitrary code.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -31,6 +32,12 @@ COMBINE_METHODS = ("average", "norm_average", "first")
 
 _FLOAT_FIELDS = ("id_embeds", "clip_embeds", "region_embeds", "uncond_clip_embeds")
 _REQUIRED_TENSORS = ("id_embeds", "clip_embeds", "region_embeds", "region_valid", "uncond_clip_embeds")
+
+EXTENSION = ".safetensors"
+TEMP_PREFIX = ".tmp-"  # a save in progress, or one killed before its rename; never a finished file
+NUMBER_FORMAT = "_{:05d}"
+_NUMBERED_SUFFIX = NUMBER_FORMAT.format(1) + EXTENSION
+_MAX_NUMBER_CLASHES = 1000
 
 
 def _shape_str(shape) -> str:
@@ -377,12 +384,8 @@ def combine_embeds(embeds: FaceEmbeds, method: str) -> FaceEmbeds:
 
 # --- files -------------------------------------------------------------------------------------
 
-def save_embeds(embeds: FaceEmbeds, path: str) -> None:
-    """Write ``embeds`` as a safetensors file with the ``consistentid-embeds`` metadata tag.
-
-    The file is written next to its destination and renamed into place, so an interrupted save
-    never leaves a truncated file under the final name.
-    """
+def _write_temporary(embeds: FaceEmbeds, directory: str) -> str:
+    """``embeds`` written completely to a new ``.tmp-*`` file in ``directory``; its path."""
     from safetensors.torch import save_file
 
     tensors = {name: getattr(embeds, name).detach().cpu().contiguous() for name in _FLOAT_FIELDS}
@@ -397,16 +400,136 @@ def save_embeds(embeds: FaceEmbeds, path: str) -> None:
         "sources": json.dumps(embeds.sources),
         "checkpoint": embeds.checkpoint,
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=EXTENSION, dir=directory)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def save_embeds(embeds: FaceEmbeds, path: str) -> None:
+    """Write ``embeds`` as a safetensors file with the ``consistentid-embeds`` metadata tag.
+
+    The file is written next to its destination and renamed into place, so an interrupted save
+    never leaves a truncated file under the final name.  An existing file at ``path`` is replaced;
+    :func:`save_numbered_embeds` is the variant that never replaces one.
+    """
+    tmp = _write_temporary(embeds, os.path.dirname(os.path.abspath(path)))
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _limits(folder: str) -> tuple[int, int]:
+    """(longest file name, longest path) in bytes that the file system under ``folder`` takes."""
+    probe = _existing_ancestor(folder)
+    try:
+        return int(os.pathconf(probe, "PC_NAME_MAX")), int(os.pathconf(probe, "PC_PATH_MAX"))
+    except (AttributeError, OSError, ValueError):  # no pathconf on Windows: NTFS names 255, paths 260
+        return 255, 260
+
+
+def _too_long(filename_prefix: str, folder: str) -> EmbedsError:
+    name_max, path_max = _limits(folder)
+    shown = filename_prefix if len(filename_prefix) <= 60 else filename_prefix[:60] + "..."
+    return EmbedsError(
+        f"filename_prefix {shown!r} ({len(os.fsencode(filename_prefix))} bytes) is too long: "
+        f"each folder or file name may be at most {name_max} bytes on this file system and the whole path "
+        f"{path_max}, and the saved file name adds {_NUMBERED_SUFFIX!r} ({len(_NUMBERED_SUFFIX)} bytes) to the "
+        "last part; use a shorter filename_prefix."
+    )
+
+
+def _check_name_lengths(filename_prefix: str, base: str, stem: str) -> None:
+    parts = os.path.relpath(stem, base).split(os.sep)
+    name_max, path_max = _limits(os.path.dirname(stem))
+    lengths = [len(os.fsencode(p)) for p in parts[:-1]] + [len(os.fsencode(parts[-1] + _NUMBERED_SUFFIX))]
+    if max(lengths) > name_max or len(os.fsencode(stem + _NUMBERED_SUFFIX)) >= path_max:
+        raise _too_long(filename_prefix, os.path.dirname(stem))
+
+
+def _claim(tmp: str, path: str) -> bool:
+    """Give the finished ``tmp`` the name ``path`` unless that name exists; False when it does.
+
+    A hard link is created atomically and fails when the name is taken, so two savers can never
+    both win one name, and the name never shows a half-written file.  File systems without hard
+    links get an exclusively created placeholder (O_EXCL) that the file then replaces.
+    """
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    os.replace(tmp, path)
+    return True
+
+
+def _first_free_number(folder: str, prefix: str) -> int:
+    taken = set(os.listdir(folder))
+    number = 1
+    while f"{prefix}{NUMBER_FORMAT.format(number)}{EXTENSION}" in taken:
+        number += 1
+    return number
+
+
+def save_numbered_embeds(embeds: FaceEmbeds, base_dir: str, filename_prefix: str) -> str:
+    """Write ``embeds`` as ``<filename_prefix>_NNNNN.safetensors`` under ``base_dir``; returns the path.
+
+    The number is the first one no file in the folder has.  Another process (a second ComfyUI
+    sharing the output folder) may choose the same number at the same moment, so the name is
+    claimed exclusively (see :func:`_claim`) and on a clash the next number is tried: no existing
+    file is ever replaced.  ``filename_prefix`` must stay inside ``base_dir`` (see
+    :func:`resolve_inside`); names too long for the file system are refused by EmbedsError.
+    """
+    base = os.path.realpath(base_dir)
+    stem = resolve_inside(base_dir, filename_prefix)
+    _check_name_lengths(filename_prefix, base, stem)
+    folder, prefix = os.path.dirname(stem), os.path.basename(stem)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = _write_temporary(embeds, folder)
+        try:
+            number = _first_free_number(folder, prefix)
+            for _ in range(_MAX_NUMBER_CLASHES):
+                path = os.path.join(folder, f"{prefix}{NUMBER_FORMAT.format(number)}{EXTENSION}")
+                if _claim(tmp, path):
+                    return path
+                number += 1
+        finally:
+            _remove_quietly(tmp)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # a limit the checks above could not know of
+            raise _too_long(filename_prefix, folder) from exc
+        raise
+    raise EmbedsError(
+        f"could not find a free file name for {filename_prefix!r}: {_MAX_NUMBER_CLASHES} numbers from "
+        f"{number - _MAX_NUMBER_CLASHES} on were taken while saving; use another filename_prefix."
+    )
 
 
 def load_embeds(path: str, expected_arch: str | None = None) -> FaceEmbeds:
@@ -449,6 +572,7 @@ def load_embeds(path: str, expected_arch: str | None = None) -> FaceEmbeds:
     missing = [k for k in _REQUIRED_TENSORS if k not in tensors]
     if missing:
         raise EmbedsError(f"{fname!r} is damaged: it lacks the tensor(s) {', '.join(missing)}.")
+    _refuse_non_finite(fname, tensors)
     try:
         region_names = json.loads(metadata.get("region_names", ""))
         sources = json.loads(metadata.get("sources", ""))
@@ -476,6 +600,19 @@ def load_embeds(path: str, expected_arch: str | None = None) -> FaceEmbeds:
         )
     except EmbedsError as exc:
         raise EmbedsError(f"{fname!r} is damaged: {exc}") from exc
+
+
+def _refuse_non_finite(fname: str, tensors: dict) -> None:
+    """NaN or Inf features would make every generated image NaN (black); name the tensor and the count."""
+    for name in _FLOAT_FIELDS:
+        t = tensors[name]
+        if not t.dtype.is_floating_point or bool(torch.isfinite(t).all()):
+            continue  # a wrong dtype is refused, with its name, by FaceEmbeds
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise EmbedsError(
+            f"{fname!r} is damaged: {name} holds {nan} NaN and {inf} Inf values (of {t.numel()}); "
+            "encode the reference photos again and save new embeds."
+        )
 
 
 def resolve_inside(base_dir: str, filename: str) -> str:

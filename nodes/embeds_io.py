@@ -8,13 +8,14 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..consistentid_core.embeds import COMBINE_METHODS, FaceEmbeds, load_embeds, resolve_inside, save_embeds
+from ..consistentid_core.embeds import (
+    COMBINE_METHODS, EXTENSION, TEMP_PREFIX, FaceEmbeds, load_embeds, resolve_inside, save_numbered_embeds,
+)
 from ..consistentid_core.errors import EmbedsError
 from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel
 
 logger = logging.getLogger("consistentid")
 
-EXTENSION = ".safetensors"
 NONE_FOUND = "(no embeds file in input/ or output/)"
 
 
@@ -23,7 +24,8 @@ def _embeds_files() -> list[str]:
     for label, base in (("input", folder_paths.get_input_directory()), ("output", folder_paths.get_output_directory())):
         for root, _dirs, files in os.walk(base, followlinks=False):
             for name in files:
-                if name.endswith(EXTENSION):
+                # A .tmp-* file is a save in progress or one that was killed: not embeds to offer.
+                if name.endswith(EXTENSION) and not name.startswith(TEMP_PREFIX):
                     rel = os.path.relpath(os.path.join(root, name), base).replace(os.sep, "/")
                     found.append(f"{label}/{rel}")
     return sorted(found) or [NONE_FOUND]
@@ -57,16 +59,8 @@ class ConsistentIDSaveEmbeds(io.ComfyNode):
     @classmethod
     def execute(cls, embeds, filename_prefix) -> io.NodeOutput:
         out_dir = folder_paths.get_output_directory()
-        stem = resolve_inside(out_dir, filename_prefix)
-        folder, prefix = os.path.dirname(stem), os.path.basename(stem)
-        os.makedirs(folder, exist_ok=True)
-        taken = {n for n in os.listdir(folder)}
-        counter = 1
-        while f"{prefix}_{counter:05d}{EXTENSION}" in taken:
-            counter += 1
-        path = os.path.join(folder, f"{prefix}_{counter:05d}{EXTENSION}")
-        save_embeds(embeds, path)
-        rel = os.path.relpath(path, out_dir).replace(os.sep, "/")
+        path = save_numbered_embeds(embeds, out_dir, filename_prefix)
+        rel = os.path.relpath(path, os.path.realpath(out_dir)).replace(os.sep, "/")
         logger.info("saved ConsistentID embeds to output/%s", rel)
         return io.NodeOutput(ui={"text": [f"output/{rel}"]})
 

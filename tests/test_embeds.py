@@ -1,5 +1,6 @@
 """FaceEmbeds: validation, select/concat/combine, safetensors files and path containment."""
 
+import errno
 import logging
 import os
 
@@ -15,7 +16,9 @@ from consistentid_core.embeds import (
     load_embeds,
     resolve_inside,
     save_embeds,
+    save_numbered_embeds,
 )
+from consistentid_core import embeds as embeds_module
 from consistentid_core.errors import EmbedsError
 from numeric import SAME_MATH_FP32, assert_close
 
@@ -377,3 +380,119 @@ def test_resolve_inside(tmp_path):
     for bad in ("../x", "/etc/passwd", "link/evil.safetensors", "leak.safetensors", "sub/../../x", "", "."):
         with pytest.raises(EmbedsError):
             resolve_inside(str(base), bad)
+
+
+# --- damaged files and numbered saves (issue 13) -------------------------------------------------
+
+@pytest.mark.parametrize("field, poison, counts", [
+    ("clip_embeds", [float("nan")] * 3, "3 NaN and 0 Inf values (of 328960)"),
+    ("id_embeds", [float("inf"), -float("inf")], "0 NaN and 2 Inf values (of 512)"),
+    ("uncond_clip_embeds", [float("nan"), float("inf")], "1 NaN and 1 Inf values (of 328960)"),
+])
+def test_refuse_nan_or_inf_embeds_naming_file_tensor_and_count(tmp_path, good_file, field, poison, counts):
+    tensors = load_file(str(good_file))
+    flat = tensors[field].reshape(-1)
+    flat[: len(poison)] = torch.tensor(poison)
+    path = tmp_path / "poisoned.safetensors"
+    _rewrite(good_file, path, replace={field: tensors[field]})
+    with pytest.raises(EmbedsError) as err:
+        load_embeds(str(path))
+    message = str(err.value)
+    assert "'poisoned.safetensors' is damaged" in message
+    assert f"{field} holds {counts}" in message
+    assert "encode the reference photos again" in message
+
+
+def _numbered(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".tmp-"))
+
+
+def test_numbered_save_counts_up_and_leaves_no_temporary(tmp_path):
+    first = save_numbered_embeds(make([ALL5], seed=1), str(tmp_path), "people/anna")
+    second = save_numbered_embeds(make([["Face"]], seed=2), str(tmp_path), "people/anna")
+    assert first == str(tmp_path / "people" / "anna_00001.safetensors")
+    assert second == str(tmp_path / "people" / "anna_00002.safetensors")
+    assert sorted(p.name for p in (tmp_path / "people").iterdir()) == ["anna_00001.safetensors",
+                                                                        "anna_00002.safetensors"]
+    assert load_embeds(first).region_names == [ALL5]
+    assert load_embeds(second).region_names == [["Face"]]
+
+
+def test_numbered_save_never_replaces_a_file_another_server_just_wrote(tmp_path, monkeypatch):
+    # Two ComfyUI servers sharing output/: the other one wrote anna_00001 after this one listed
+    # the folder.  The listing is stale, so the name must be claimed exclusively, not replaced.
+    other = make([ALL5], seed=11)
+    save_embeds(other, str(tmp_path / "anna_00001.safetensors"))
+    save_embeds(other, str(tmp_path / "anna_00002.safetensors"))
+    monkeypatch.setattr(embeds_module, "_first_free_number", lambda folder, prefix: 1)
+
+    mine = make([["Face", "Nose"]], seed=12)
+    path = save_numbered_embeds(mine, str(tmp_path), "anna")
+    assert os.path.basename(path) == "anna_00003.safetensors"
+    assert_same(load_embeds(str(tmp_path / "anna_00001.safetensors")), other)
+    assert_same(load_embeds(str(tmp_path / "anna_00002.safetensors")), other)
+    assert_same(load_embeds(path), mine)
+    assert _numbered(tmp_path) == ["anna_00001.safetensors", "anna_00002.safetensors", "anna_00003.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_numbered_save_without_hard_links_still_claims_exclusively(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported here")
+
+    other = make([ALL5], seed=11)
+    save_embeds(other, str(tmp_path / "anna_00001.safetensors"))
+    monkeypatch.setattr(embeds_module.os, "link", no_links)
+    monkeypatch.setattr(embeds_module, "_first_free_number", lambda folder, prefix: 1)
+    mine = make([["Face"]], seed=13)
+    path = save_numbered_embeds(mine, str(tmp_path), "anna")
+    assert os.path.basename(path) == "anna_00002.safetensors"
+    assert_same(load_embeds(str(tmp_path / "anna_00001.safetensors")), other)
+    assert_same(load_embeds(path), mine)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_concurrent_numbered_saves_keep_every_file(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = [make([["Face"]], seed=20 + i) for i in range(6)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        paths = list(pool.map(lambda e: save_numbered_embeds(e, str(tmp_path), "batch"), items))
+    assert len(set(paths)) == 6
+    assert _numbered(tmp_path) == [f"batch_{i:05d}.safetensors" for i in range(1, 7)]
+    for item, path in zip(items, paths):
+        assert_same(load_embeds(path), item)
+
+
+@pytest.mark.parametrize("prefix", ["a" * 240, "x" * 300 + "/name", "ok/" + "é" * 130])
+def test_numbered_save_refuses_an_over_long_name_with_the_limit(tmp_path, prefix):
+    with pytest.raises(EmbedsError) as err:
+        save_numbered_embeds(make([["Face"]]), str(tmp_path), prefix)
+    message = str(err.value)
+    assert "is too long" in message and "at most 255 bytes" in message and "whole path 4096" in message
+    assert "'_00001.safetensors'" in message and "use a shorter filename_prefix" in message
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even the folder
+
+
+def test_numbered_save_refuses_a_path_too_long_for_the_system(tmp_path):
+    # Every name is short, the whole path is not.
+    deep = "/".join(["d" * 200] * 25)
+    with pytest.raises(EmbedsError, match="whole path 4096"):
+        save_numbered_embeds(make([["Face"]]), str(tmp_path), deep + "/x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numbered_save_names_a_length_limit_found_only_by_the_system(tmp_path, monkeypatch):
+    # A file system stricter than pathconf says (e.g. a network share): its ENAMETOOLONG is named too.
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENAMETOOLONG, "File name too long")
+
+    monkeypatch.setattr(embeds_module.os, "makedirs", refuse)
+    with pytest.raises(EmbedsError, match="is too long"):
+        save_numbered_embeds(make([["Face"]]), str(tmp_path), "sub/name")
+
+
+def test_numbered_save_refuses_escapes(tmp_path):
+    for bad in ("../x", "/tmp/x", ""):
+        with pytest.raises(EmbedsError):
+            save_numbered_embeds(make([["Face"]]), str(tmp_path / "out"), bad)
