@@ -342,8 +342,8 @@ def _detect_arch(path, proj_state, facial_state, layout: UNetLayout | None) -> s
                           "metadata that save_checkpoint writes)")
     fuse = facial_state.get("fuse_module.layer_norm.weight")
     if fuse is not None and (fuse.ndim != 1 or int(fuse.shape[0]) != width):
-        raise _fail(path, f"inconsistent file: FacialEncoder.fuse_module.layer_norm.weight has shape {list(fuse.shape)} "
-                          f"but image_proj is {width} wide")
+        raise _fail(path, "inconsistent file: FacialEncoder.fuse_module.layer_norm.weight has shape "
+                          f"{list(fuse.shape)} but image_proj is {width} wide")
     return arch
 
 
