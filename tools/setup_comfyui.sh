@@ -19,7 +19,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
 
 COMFYUI_TAG="v0.3.64"
 COMFYUI_REPO="https://github.com/comfyanonymous/ComfyUI"
-NEEDED_MB="${CID_COMFYUI_NEEDED_MB:-100}"   # the tree is ~16 MB, a shallow clone ~40 MB; room to spare
+NEEDED_MB="${CID_COMFYUI_NEEDED_MB:-100}"   # the extracted tree is 16 MB; a shallow clone adds its .git; room to spare
 TREE_FILES=(main.py nodes.py folder_paths.py)
 
 is_comfyui_tree() {
@@ -126,7 +126,7 @@ provision() {
             tar -xzf "$archive" --no-same-owner --strip-components="$strip" -C "$staging/tree" ||
             cid_fail "extracting $archive failed (see above). Check the file, or unset COMFYUI_ARCHIVE to clone ComfyUI $COMFYUI_TAG with git."
     else
-        cid_say "cloning ComfyUI $COMFYUI_TAG from $COMFYUI_REPO into $target (shallow, about 40 MB)"
+        cid_say "cloning ComfyUI $COMFYUI_TAG from $COMFYUI_REPO into $target (shallow: the tag only, no history)"
         run_filling_disk "$parent" \
             git -c advice.detachedHead=false clone --quiet --depth 1 --branch "$COMFYUI_TAG" "$COMFYUI_REPO" "$staging/tree" ||
             cid_fail "git clone of $COMFYUI_REPO ($COMFYUI_TAG) failed (see above). Without network, set COMFYUI_ARCHIVE=/path/to/comfyui-v0.3.64.tar.gz; or set COMFYUI_PATH to a ComfyUI you already have."
