@@ -170,7 +170,21 @@ def merge_fraction(sigmas: Sequence[float], merge_step: int, percent_of_sigma: C
     if not 0 <= merge_step < steps:
         raise PromptError(f"merge_step must be between 0 and {steps - 1} for {steps} steps, got {merge_step}")
     if merge_step == steps - 1:
+        warn_facial_prompt_unused(f"merge_step {merge_step} is the last of {steps} step(s), which makes merge_at 1.0")
         return 1.0
     hi, lo = float(sigmas[merge_step]), float(sigmas[merge_step + 1])
     mid = math.sqrt(hi * lo) if lo > 0 else hi / 2
-    return min(1.0, max(0.0, float(percent_of_sigma(mid))))
+    merge_at = min(1.0, max(0.0, float(percent_of_sigma(mid))))
+    if merge_at >= 1.0:
+        warn_facial_prompt_unused(f"merge_step {merge_step} of {steps} steps falls at the end of the schedule, "
+                                  "which makes merge_at 1.0")
+    return merge_at
+
+
+def warn_facial_prompt_unused(why: str) -> None:
+    """Logs that the facial prompt (the fused facial tokens) will never be used, and what to do."""
+    logger.warning(
+        "%s, so the facial prompt is never used and only the text-only prompt (plus the ID "
+        "tokens) conditions the image. Use more steps or an earlier merge step (official: after step 30 of 50, "
+        "merge_at 0.62 with the normal scheduler)", why,
+    )

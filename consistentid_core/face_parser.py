@@ -14,13 +14,15 @@ import threading
 import torch
 
 from .errors import MissingDependencyError, ModelFileError
+from .memo import ModelCache
 
 logger = logging.getLogger("consistentid")
 
 PARSER_FILE_NAMES = ("face_parsing.pth", "79999_iter.pth", "parsing_bisenet.pth")
 NUM_STATE_KEYS = 191
 
-_cache: dict[tuple, torch.nn.Module] = {}
+# Bounded: each entry is a network on its device; a host empties it when it frees memory (memo.release_model_caches).
+_cache: dict[tuple, torch.nn.Module] = ModelCache("face parser", max_entries=2)
 _lock = threading.Lock()
 
 

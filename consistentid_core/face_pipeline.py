@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +31,16 @@ logger = logging.getLogger("consistentid")
 
 PARSE_SIZE = {"sd15": PARSE_SIZE_SD15, "sdxl": PARSE_SIZE_SDXL}
 ON_NO_FACE = ("error", "skip", "zeros")
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: called before each unit of long work (a photo, a region) and once
+with ``done == total`` at the end.  A host passes one that shows a progress bar and raises when
+the user cancels; the core lets that exception through untouched, so nothing half-done is kept."""
+
+
+def report(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
 
 
 @dataclass
@@ -117,6 +128,7 @@ def encode_references(
     vision_name: str = "the CLIP vision model",
     cache: EncodeCache | None = None,
     vision_model=None,
+    progress: Progress | None = None,
 ) -> tuple[FaceEmbeds, list[ReferenceAnalysis]]:
     """Encodes every reference photo; returns the embeds (one row per kept photo) and the analyses.
 
@@ -124,6 +136,7 @@ def encode_references(
     only the others go through insightface, the parser and the vision model.  ``vision`` is often
     a fresh closure per call, so ``vision_model`` names the object whose identity keys the cache
     (the host's CLIP vision model); without it the cache keys on ``vision`` itself.
+    ``progress`` counts one unit per photo and one for the vision pass (see :data:`Progress`).
     """
     if on_no_face not in ON_NO_FACE:
         raise ValueError(f"on_no_face must be one of {ON_NO_FACE}, got {on_no_face!r}")
@@ -134,7 +147,9 @@ def encode_references(
 
     results: list[EncodedReference | ReferenceAnalysis] = []
     keys: list[CacheKey | None] = []
+    steps = len(images) + 1  # every photo, then the one vision pass over all of them
     for position, image in enumerate(images):
+        report(progress, position, steps)
         key = cache.key(image, models, options) if cache is not None else None
         hit = cache.get(key) if key is not None else None
         if hit is not None:
@@ -159,6 +174,7 @@ def encode_references(
 
     uncond = cache.get_uncond(models[2]) if cache is not None else None
     to_encode = [i for i, r in enumerate(results) if isinstance(r, ReferenceAnalysis) and keeps(r)]
+    report(progress, len(images), steps)
     if to_encode or uncond is None:
         encoded, fresh_uncond = _encode_photos([results[i] for i in to_encode], vision, vision_name, uncond is None)
         for i, enc in zip(to_encode, encoded):
@@ -174,6 +190,7 @@ def encode_references(
             cache.put(keys[i], results[i])
 
     kept = [r for r in results if r.kept]
+    report(progress, steps, steps)
     return _assemble(kept, uncond, arch, checkpoint), [r.analysis for r in kept]
 
 

@@ -72,6 +72,40 @@ def token_grid(original_shape, seq_len: int) -> tuple[int, int]:
     raise PromptError(f"cannot place {seq_len} attention tokens on a latent of {original_shape[-2]}x{original_shape[-1]}")
 
 
+def normalise_mask(mask, source: str = "attn_mask") -> torch.Tensor:
+    """A ComfyUI MASK as [M, H, W] float32 on the CPU; PromptError naming ``source`` when unusable.
+
+    Mask nodes give [H, W] (one mask), [B, H, W] (ComfyUI's MASK) or [B, 1, H, W] (image-like);
+    all three mean the same masks.  Checked when the patch is built, so that nothing fails inside
+    a cross-attention layer in the middle of sampling.
+    """
+    if not torch.is_tensor(mask):
+        raise PromptError(f"{source} is a {type(mask).__name__}, not a mask tensor: connect a MASK output")
+    shape = tuple(mask.shape)
+    if mask.ndim == 4 and shape[1] == 1:
+        mask = mask[:, 0]
+    elif mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise PromptError(f"{source} has shape {list(shape)}; a mask must be [H, W], [B, H, W] or [B, 1, H, W] "
+                          "(convert an image with ComfyUI's 'Convert Image to Mask')")
+    if 0 in mask.shape:
+        raise PromptError(f"{source} has shape {list(shape)}, which holds no pixels; connect a non-empty mask")
+    mask = mask.detach().float().cpu()
+    bad = int((~torch.isfinite(mask)).sum())
+    if bad:
+        raise PromptError(f"{source} has {bad} NaN/Inf values (of {mask.numel()}); fix or replace the node that "
+                          "made the mask (values must lie in 0..1)")
+    return mask
+
+
+def mask_for_batch(mask_count: int, latent_batch: int, source: str = "attn_mask") -> None:
+    """PromptError unless ``mask_count`` masks fit a latent batch: one for all images, or one per image."""
+    if mask_count not in (1, latent_batch):
+        raise PromptError(f"{source} holds {mask_count} masks but the latent batch has {latent_batch} images; "
+                          "give one mask for every image, or exactly one mask per latent image")
+
+
 def resample_mask(mask: torch.Tensor, original_shape, seq_len: int) -> torch.Tensor:
     """MASK [M, H, W] in 0..1 -> [M, seq_len, 1] on this layer's token grid."""
     h, w = token_grid(original_shape, seq_len)
@@ -138,9 +172,9 @@ class IDProjections:
                 torch.stack([uk[0] if kind == 1 else ck[i] for kind, i in rows]),
                 torch.stack([uv[0] if kind == 1 else cv[i] for kind, i in rows]),
             )
-            same_layer = [k for k in self._batches if k[:3] == layout[:3]]
+            same_layer = [k for k in list(self._batches) if k[:3] == layout[:3]]  # a host may release meanwhile
             if len(same_layer) >= self.MAX_LAYOUTS:
-                del self._batches[same_layer[0]]
+                self._batches.pop(same_layer[0], None)
             self._batches[layout] = batch
         return batch
 
@@ -149,13 +183,35 @@ class IDProjections:
         for key in self.cond_k if keys is None else keys:
             self._on(key, device or "cpu", dtype or torch.float32)
 
+    def release(self, keys=None, keep_device=None) -> int:
+        """Drops the per-device copies and batch layouts (of ``keys``, default all), except those on
+        ``keep_device``; returns the bytes dropped.  The projections themselves stay, and a later
+        step makes the copies it needs again: this is what a host's model unload calls."""
+        keys = None if keys is None else set(keys)
+        keep = None if keep_device is None else str(keep_device)
+        dropped = 0
+        for store in (self._moved, self._batches):
+            for where in list(store):
+                if (keys is None or where[0] in keys) and where[1] != keep:
+                    dropped += sum(_nbytes(t) for t in store.pop(where, ()))
+        return dropped
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held in per-device copies and batch layouts (what :meth:`release` frees)."""
+        return sum(_nbytes(t) for store in (self._moved, self._batches) for ts in list(store.values()) for t in ts)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.element_size() * tensor.nelement()
+
 
 @dataclass(frozen=True)
 class IDPatchSettings:
     weight: float = 1.0
     sigma_start: float = float("inf")  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
-    mask: torch.Tensor | None = None  # [M, H, W] in 0..1, or None
+    mask: torch.Tensor | None = None  # [M, H, W] in 0..1 (see normalise_mask), or None
     _masks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def active(self, sigma: float) -> bool:
@@ -174,12 +230,19 @@ class IDPatchSettings:
         where = (tuple(int(s) for s in original_shape[-2:]), seq_len, batch, chunks, str(device), dtype)
         rows = self._masks.get(where)
         if rows is None:
-            mask = resample_mask(self.mask, original_shape, seq_len).to(device, dtype)
             # A mask per latent image: row r of every cond/uncond chunk belongs to image r % chunk.
             per_chunk = batch // max(1, chunks)
-            rows = mask[[(r % per_chunk) % mask.shape[0] for r in range(batch)]]
+            mask_for_batch(self.mask.shape[0], per_chunk)
+            mask = resample_mask(self.mask, original_shape, seq_len).to(device, dtype)
+            rows = mask[[(r % per_chunk) if mask.shape[0] > 1 else 0 for r in range(batch)]]
             self._masks[where] = rows
         return rows
+
+    def release(self) -> int:
+        """Drops the resampled masks (rebuilt on the next step); returns the bytes dropped."""
+        dropped = sum(_nbytes(t) for t in list(self._masks.values()))
+        self._masks.clear()
+        return dropped
 
 
 def tensor_version(tensor: torch.Tensor) -> int | None:

@@ -16,6 +16,7 @@ import threading
 from typing import Any, Sequence
 
 from .errors import FaceOptionError, MissingDependencyError, ModelFileError
+from .memo import ModelCache
 
 logger = logging.getLogger("consistentid")
 
@@ -295,7 +296,8 @@ def _log_applied_providers(analysis: Any, folder: str, requested: list[str]) -> 
         )
 
 
-_CACHE: dict[tuple[str, tuple[str, ...]], Any] = {}
+# Bounded: each entry holds onnxruntime sessions; a host empties it when it frees memory (memo.release_model_caches).
+_CACHE: dict[tuple[str, tuple[str, ...]], Any] = ModelCache("insightface", max_entries=2)
 _CACHE_LOCK = threading.Lock()
 
 

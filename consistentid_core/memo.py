@@ -1,4 +1,5 @@
-"""A small bounded LRU cache keyed partly by object identity, for results derived from models.
+"""Small bounded caches: an LRU keyed partly by object identity, for results derived from models,
+and :class:`ModelCache`, the loaded face models by file.
 
 The pack's expensive results (ID projections of a checkpoint and embeds, encoded photos of a set
 of face models) depend on objects that have no cheap content hash, such as a loaded network.  An
@@ -120,3 +121,53 @@ def _key(owners: tuple, values: Hashable) -> tuple:
 
 def _same_owners(refs: tuple, owners: tuple) -> bool:
     return len(refs) == len(owners) and all(ref() is owner for ref, owner in zip(refs, owners))
+
+
+class ModelCache(OrderedDict):
+    """A dict of loaded models by key (file, options) that keeps the ``max_entries`` most recently used.
+
+    It is a dict on purpose: loaders use ``get`` and item assignment, so a plain ``{}`` can stand in
+    for it.  Every instance is listed for :func:`release_model_caches`, which a host calls when it
+    frees memory.  Thread safety is the caller's (each loader holds its own lock).
+    """
+
+    def __init__(self, name: str, max_entries: int):
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        super().__init__()
+        self.name = name
+        self.max_entries = max_entries
+        _MODEL_CACHES.append(weakref.ref(self))
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.max_entries:
+            old_key, _old = self.popitem(last=False)
+            logger.info("%s cache: dropped %s (keeps the %d most recently used)", self.name, old_key, self.max_entries)
+
+
+_MODEL_CACHES: list[weakref.ref] = []  # weak: a cache made by a test goes when the test drops it
+
+
+def release_model_caches() -> int:
+    """Empties every :class:`ModelCache` (face parser, insightface); returns how many models were dropped.
+
+    A model still referenced elsewhere (a host's node outputs) stays alive there; the caches only
+    stop keeping it, so that it is freed once its last user lets go."""
+    dropped = 0
+    _MODEL_CACHES[:] = [ref for ref in _MODEL_CACHES if ref() is not None]
+    for ref in list(_MODEL_CACHES):
+        cache = ref()
+        if cache is not None:
+            dropped += len(cache)
+            cache.clear()
+    if dropped:
+        logger.info("released %d cached face model(s)", dropped)
+    return dropped

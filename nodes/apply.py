@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from comfy_api.latest import io
 
 from ..consistentid_core.layers import ARCH_LABEL
 from ..consistentid_core.errors import ArchitectureMismatchError, PromptError
-from ..consistentid_core.id_attention import IDPatchSettings
+from ..consistentid_core.id_attention import IDPatchSettings, normalise_mask
 from .patch import add_lora_patches, attribute_tokens, check_model, id_projections, install_attn2_patches
+from .memory import register_patch_release
 from .types import CATEGORY, AttributeEmbedsType, ConsistentIDEmbeds, ConsistentIDModel
 
 logger = logging.getLogger("consistentid")
 
 MAX_WEIGHT = 3.0
+MAX_LORA_STRENGTH = 2.0
+# The strengths' ranges, for the schema and for the checks: ComfyUI skips its own min/max check
+# for a node whose validate_inputs takes **kwargs, and NaN passes any min/max comparison.
+STRENGTH_RANGES = {"weight": MAX_WEIGHT, "lora_strength": MAX_LORA_STRENGTH, "attr_weight": MAX_WEIGHT}
 
 
 def check_embeds(ckpt, embeds) -> None:
@@ -30,8 +36,16 @@ def check_embeds(ckpt, embeds) -> None:
         )
 
 
+def _strength_problem(name: str, value) -> str | None:
+    """Why a strength input is unusable (NaN, Inf, out of range), or None."""
+    top = STRENGTH_RANGES[name]
+    if not math.isfinite(float(value)) or not 0.0 <= value <= top:
+        return f"{name} is {value}; it must lie in 0..{top}"
+    return None
+
+
 def _check_window(start_at: float, end_at: float, what: str = "") -> None:
-    if not 0.0 <= start_at <= end_at <= 1.0:
+    if not (math.isfinite(start_at) and math.isfinite(end_at)) or not 0.0 <= start_at <= end_at <= 1.0:
         raise PromptError(f"{what}start_at ({start_at}) and {what}end_at ({end_at}) must satisfy "
                           f"0 <= {what}start_at <= {what}end_at <= 1")
 
@@ -43,7 +57,7 @@ def _settings(sampling, weight, start_at, end_at, attn_mask=None) -> IDPatchSett
         # (on a GPU a read waits for the device, in every cross-attention layer).
         sigma_start=float("inf") if start_at <= 0.0 else float(sampling.percent_to_sigma(start_at)),
         sigma_end=0.0 if end_at >= 1.0 else float(sampling.percent_to_sigma(end_at)),
-        mask=None if attn_mask is None else attn_mask.detach().float().cpu(),
+        mask=attn_mask,
     )
 
 
@@ -56,9 +70,12 @@ def apply_model(model, ckpt, embeds, weight=1.0, lora_strength=1.0, start_at=0.0
     """
     _check_window(start_at, end_at)
     _check_window(attr_start_at, attr_end_at, "attr_")
-    for name, value in (("weight", weight), ("attr_weight", attr_weight)):
-        if not 0.0 <= value <= MAX_WEIGHT:
-            raise PromptError(f"{name} is {value}; it must lie in 0..{MAX_WEIGHT}")
+    for name, value in (("weight", weight), ("lora_strength", lora_strength), ("attr_weight", attr_weight)):
+        problem = _strength_problem(name, value)
+        if problem:
+            raise PromptError(problem)
+    # The latent batch is not known here; the mask count is checked against it at the first step.
+    attn_mask = None if attn_mask is None else normalise_mask(attn_mask, "attn_mask")
     check_model(model, ckpt)
     check_embeds(ckpt, embeds)
     attribute_projections = attribute_tokens(ckpt, attribute_embeds) if attribute_embeds is not None else None
@@ -71,6 +88,7 @@ def apply_model(model, ckpt, embeds, weight=1.0, lora_strength=1.0, start_at=0.0
         attribute = (attribute_projections, _settings(sampling, attr_weight, attr_start_at, attr_end_at))
     install_attn2_patches(patched, ckpt, id_projections(ckpt, embeds),
                           _settings(sampling, weight, start_at, end_at, attn_mask), attribute)
+    register_patch_release(patched)
     return patched
 
 
@@ -87,13 +105,14 @@ class ConsistentIDApplyModel(io.ComfyNode):
                 io.Model.Input("model"),
                 ConsistentIDModel.Input("consistentid"),
                 ConsistentIDEmbeds.Input("embeds"),
-                io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05,
+                io.Float.Input("weight", default=1.0, min=0.0, max=MAX_WEIGHT, step=0.05,
                                tooltip="strength of the identity tokens (official: 1.0)"),
-                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=MAX_LORA_STRENGTH, step=0.05,
                                tooltip="strength of ConsistentID's attention LoRA (official: 1.0)"),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Mask.Input("attn_mask", optional=True, tooltip="where the identity applies (white = yes)"),
+                io.Mask.Input("attn_mask", optional=True,
+                              tooltip="where the identity applies (white = yes); one mask, or one per latent image"),
                 AttributeEmbedsType.Input("attribute_embeds", optional=True,
                                           tooltip="hair, glasses, hat... from Encode Attributes; needs weights "
                                                   "trained with the attribute stage (not the released files)"),
@@ -106,7 +125,20 @@ class ConsistentIDApplyModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_at=0.0, end_at=1.0, attr_start_at=0.0, attr_end_at=1.0, **_kwargs):
+    def validate_inputs(cls, weight=1.0, lora_strength=1.0, attr_weight=1.0, start_at=0.0, end_at=1.0,
+                        attr_start_at=0.0, attr_end_at=1.0, **_kwargs):
+        # Linked inputs are not known yet (None here); execute checks them again.
+        strengths = {"weight": weight, "lora_strength": lora_strength, "attr_weight": attr_weight}
+        for name, value in strengths.items():
+            problem = None if value is None else _strength_problem(name, value)
+            if problem:
+                return problem
+        windows = {"start_at": start_at, "end_at": end_at, "attr_start_at": attr_start_at, "attr_end_at": attr_end_at}
+        for name, value in windows.items():
+            if value is not None and (not math.isfinite(float(value)) or not 0.0 <= value <= 1.0):
+                return f"{name} is {value}; it must lie in 0..1"
+        if None in (start_at, end_at, attr_start_at, attr_end_at):
+            return True
         if start_at > end_at:
             return f"start_at ({start_at}) must not be after end_at ({end_at})"
         if attr_start_at > attr_end_at:

@@ -16,14 +16,20 @@ from ..consistentid_core.face_pipeline import PARSE_SIZE
 from ..consistentid_core.parsing import parse_image
 from .encode import check_clip_vision, comfy_vision_encoder
 from .images import image_batch_to_uint8
+from .memory import use_face_parser
+from .progress import comfy_progress, each_with_progress
 from .types import CATEGORY, AttributeEmbedsType, FaceParser
 
 
-def encode_attribute_batch(images, face_parser, clip_vision, mode: str, arch: str) -> AttributeEmbeds | None:
+def encode_attribute_batch(images, face_parser, clip_vision, mode: str, arch: str,
+                           progress=None) -> AttributeEmbeds | None:
+    """``progress(done, total)`` before each photo (see face_pipeline.Progress); ComfyUI's by default."""
+    arrays = image_batch_to_uint8(images, "attribute image")
     check_clip_vision(clip_vision)
     encoder = comfy_vision_encoder(clip_vision)
+    use_face_parser(face_parser)
     rows = []
-    for index, array in enumerate(image_batch_to_uint8(images)):
+    for index, array in each_with_progress(arrays, progress or comfy_progress()):
         picture = Image.fromarray(to_rgb_uint8(array))
         labels = parse_image(face_parser, picture, PARSE_SIZE[arch])
         encoded = encode_attributes(picture, labels, encoder, mode=mode, source=f"attribute image {index}")

@@ -12,7 +12,7 @@ import weakref
 
 from comfy_api.latest import io
 
-from ..consistentid_core.conditioning import build_conditioning
+from ..consistentid_core.conditioning import build_conditioning, warn_facial_prompt_unused
 from ..consistentid_core.emphasis import strip_emphasis
 from ..consistentid_core.layers import ARCH_LABEL
 from ..consistentid_core.errors import ArchitectureMismatchError, PromptError
@@ -100,6 +100,8 @@ def consistentid_conditioning(clip, ckpt, embeds, text, negative_text, caption=C
     """(positive, negative) CONDITIONING lists."""
     if not 0.0 <= merge_at <= 1.0:
         raise PromptError(f"merge_at must be between 0 and 1, got {merge_at}")
+    if merge_at >= 1.0:
+        warn_facial_prompt_unused(f"merge_at is {merge_at} (the facial entry starts at the very end)")
     check_embeds(ckpt, embeds)
     first, second = clip_tokenizers(clip)
     if (second is not None) != (ckpt.arch == "sdxl"):

@@ -17,6 +17,8 @@ from ..consistentid_core.face_pipeline import ON_NO_FACE, PARSE_SIZE, encode_ref
 from ..consistentid_core.parsing import GROUP_ORDER, label_masks, parse_image, region_group, select_regions
 from ..consistentid_core.preview import label_overlay, reference_preview, stack_previews
 from .images import image_batch_to_uint8, uint8_to_image_batch
+from .memory import use_face_parser
+from .progress import comfy_progress, each_with_progress
 from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel, FaceAnalysis, FaceParser
 
 logger = logging.getLogger("consistentid")
@@ -74,8 +76,10 @@ class ConsistentIDFaceParse(io.ComfyNode):
         from PIL import Image
 
         size = PARSE_SIZE["sdxl" if resolution.startswith("sdxl") else "sd15"]
+        arrays = image_batch_to_uint8(image)
+        use_face_parser(face_parser)
         masks, overlays = [], []
-        for array in image_batch_to_uint8(image):
+        for _index, array in each_with_progress(arrays, comfy_progress()):
             rgb = to_rgb_uint8(array)
             labels = parse_image(face_parser, Image.fromarray(rgb), size)
             kept = select_regions(label_masks(labels))
@@ -119,14 +123,15 @@ class ConsistentIDEncodeFace(io.ComfyNode):
     @classmethod
     def execute(cls, consistentid, clip_vision, face_analysis, face_parser, image, face_select, combine,
                 on_no_face, color_order="official") -> io.NodeOutput:
+        arrays = image_batch_to_uint8(image)  # the photos' own faults first: they cost nothing to check
         check_clip_vision(clip_vision)
-        arrays = image_batch_to_uint8(image)
         sources = [f"image {i} of the batch" for i in range(len(arrays))]
+        use_face_parser(face_parser)
         embeds, analyses = encode_references(
             arrays, face_analysis, face_parser, comfy_vision_encoder(clip_vision), consistentid.arch,
             face_select=face_select, color_order=color_order, on_no_face=on_no_face, sources=sources,
             checkpoint=consistentid.name, vision_name="the CLIP vision model",
-            cache=ENCODE_CACHE, vision_model=clip_vision,
+            cache=ENCODE_CACHE, vision_model=clip_vision, progress=comfy_progress(),
         )
         if embeds.num_references > 1:
             embeds = embeds.combine(combine)

@@ -10,6 +10,7 @@ from ..consistentid_core.keypoints import draw_face_keypoints
 from ..consistentid_core.region_control import RegionStrengths, mix_regions
 from .encode import COLOR_ORDER, FACE_SELECT
 from .images import image_batch_to_uint8, uint8_to_image_batch
+from .progress import comfy_progress, each_with_progress
 from .types import CATEGORY, ConsistentIDEmbeds, FaceAnalysis, RegionStrengthsType
 
 REGION_INPUTS = (("face", "face_shape_embeds"), ("eye", "eyes_embeds"), ("ear", "ears_embeds"),
@@ -78,7 +79,8 @@ class ConsistentIDFaceKeypoints(io.ComfyNode):
     @classmethod
     def execute(cls, face_analysis, image, face_select, color_order) -> io.NodeOutput:
         pictures = []
-        for index, array in enumerate(image_batch_to_uint8(image)):
+        arrays = image_batch_to_uint8(image, "pose image")
+        for index, array in each_with_progress(arrays, comfy_progress()):
             rgb = to_rgb_uint8(array)
             faces, _ = detect_faces(face_analysis, rgb, 640, color_order, "sd15")
             if not faces:

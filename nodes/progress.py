@@ -1,0 +1,37 @@
+"""ComfyUI's progress bar and cancel button for the pack's own loops over photos and regions.
+
+The core takes a plain ``progress(done, total)`` callback (see consistentid_core.face_pipeline.Progress)
+and never imports ComfyUI; this is the callback the nodes pass in.
+"""
+
+from __future__ import annotations
+
+
+def comfy_progress():
+    """A progress callback that moves the running node's progress bar and stops on an interrupt.
+
+    The interrupt is checked before every unit of work: a cancel stops the node before its next
+    photo with ComfyUI's own InterruptProcessingException, which the executor reports as a cancel.
+    """
+    import comfy.model_management
+    import comfy.utils
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if bar is None:
+            bar = comfy.utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+
+    return progress
+
+
+def each_with_progress(items, progress):
+    """``items`` one by one, reporting ``progress(i, n)`` before each and ``(n, n)`` after the last."""
+    items = list(items)
+    for index, item in enumerate(items):
+        progress(index, len(items))
+        yield index, item
+    progress(len(items), len(items))
