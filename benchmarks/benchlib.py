@@ -1,8 +1,15 @@
 """What every benchmark script shares: timing, memory measurement, ComfyUI set-up, tables, plots.
 
-Timing rules (the issue's): a number is the median of at least 5 runs after warm-up, and cases
-that are compared are measured side by side in one process, alternating run by run, so that a
-machine that slows down (other jobs, thermal limits) slows every case alike.
+Timing rules: a number is the median of at least 5 runs after warm-up, and cases that are
+compared are measured side by side in one process, so that a machine that slows down (other
+jobs, thermal limits) slows every case alike.  Two ways to alternate them:
+
+* ``time_blocks``: the way a sampler runs a model.  Each case is loaded once per block, runs one
+  untimed warm-up forward, then a block of consecutive timed forwards; the blocks of the cases
+  alternate.  This is what a user pays per step.
+* ``time_cases``: run by run, with an untimed ``setup`` before every run.  Right for cheap calls;
+  for models that share weights (ComfyUI clones) the setup re-patches the weights before every
+  timed call, which measures the first forward after a model switch, not a step.
 """
 
 from __future__ import annotations
@@ -136,6 +143,96 @@ def time_cases(cases: list[Case], device: torch.device, repeats: int = 5, warmup
                 progress(f"{case.name}: {phase} {seconds * 1000:.1f} ms (CPU {cpu_seconds * 1000:.0f} ms)")
     on_cpu = device.type == "cpu"
     return {name: Timing(values, cpu[name] if on_cpu else []) for name, values in samples.items()}
+
+
+@dataclass
+class BlockTiming(Timing):
+    """Steady-state samples of one case (``time_blocks``), with what came before them.
+
+    ``first_after_load``: the untimed warm-up forward of each block, i.e. the first forward after
+    the case was (re)loaded; ``block_of_sample``: the block each sample belongs to.
+    """
+
+    first_after_load: list[float] = field(default_factory=list)
+    block_of_sample: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = super().as_dict()
+        out.update(first_after_load_s=self.first_after_load, block_of_sample=self.block_of_sample)
+        return out
+
+
+def block_schedule(names: list[str], blocks: int) -> list[tuple[int, str]]:
+    """(block round, case name) in the order ``time_blocks`` runs them.
+
+    Every case runs once per round; the order rotates by one case per round, so that no case
+    always follows the same other case (whose allocations, or weight restore, it would inherit).
+    """
+    if blocks < 1:
+        raise ValueError("blocks must be at least 1")
+    if len(set(names)) != len(names):
+        raise ValueError(f"case names must be distinct: {names}")
+    order = []
+    for round_index in range(blocks):
+        shift = round_index % len(names) if names else 0
+        order += [(round_index, name) for name in names[shift:] + names[:shift]]
+    return order
+
+
+def time_blocks(cases: list[Case], device: torch.device, blocks: int = 2, steps: int = 3, warmup: int = 1,
+                progress: Callable[[str], None] | None = None) -> dict[str, BlockTiming]:
+    """Steady-state time per call of every case: ``blocks`` x ``steps`` samples each.
+
+    Per block a case runs its ``setup`` (load the model) untimed, ``warmup`` untimed calls (the
+    first is kept as ``first_after_load``), then ``steps`` timed consecutive calls.
+    """
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    by_name = {case.name: case for case in cases}
+    result = {name: BlockTiming([], []) for name in by_name}
+    for block, name in block_schedule(list(by_name), blocks):
+        case, timing = by_name[name], result[name]
+        if case.setup is not None:
+            case.setup()
+        for index in range(warmup):
+            seconds, _ = time_and_cpu(case.run, device)
+            if index == 0:
+                timing.first_after_load.append(seconds)
+        for step in range(steps):
+            seconds, cpu_seconds = time_and_cpu(case.run, device)
+            timing.samples.append(seconds)
+            if device.type == "cpu":
+                timing.cpu_samples.append(cpu_seconds)
+            timing.block_of_sample.append(block)
+            if progress is not None:
+                progress(f"{name}: block {block + 1}/{blocks}, step {step + 1}/{steps}: "
+                         f"{seconds * 1000:.0f} ms (CPU {cpu_seconds * 1000:.0f} ms)")
+    return result
+
+
+def ratio(timings: dict[str, Timing], case: str, baseline: str, by_cpu: bool = False) -> float | None:
+    """Median of ``case`` over median of ``baseline`` (wall clock, or process CPU time)."""
+    if by_cpu:
+        num, den = timings[case].cpu_median, timings[baseline].cpu_median
+        return None if num is None or den is None else num / den
+    return timings[case].median / timings[baseline].median
+
+
+def verdict(value: float, target: float, accepted: float | None = None) -> str:
+    """'holds' at or below the target, 'within noise' up to ``accepted``, else 'MISSED'."""
+    if value <= target:
+        return "holds"
+    if accepted is not None and value <= accepted:
+        return "within noise"
+    return "MISSED"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): how busy the machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -308,11 +405,19 @@ def comfyui_path() -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def start_comfyui(device: torch.device, base_directory: str | None = None):
+# ComfyUI's attention backends by their command-line names (as tools/comfy_host.py and the
+# runner spell them), and the kernel function that each makes ``optimized_attention``.
+ATTENTION_KERNELS = {"sub-quadratic": "attention_sub_quad", "pytorch": "attention_pytorch", "split": "attention_split"}
+
+
+def start_comfyui(device: torch.device, base_directory: str | None = None, attention: str | None = None,
+                  **host_options):
     """ComfyUI with this pack loaded in process, its folders under a temporary directory.
 
     Everything a benchmark needs is built there with random weights, so the user's own
-    ComfyUI folders are neither read nor written.
+    ComfyUI folders are neither read nor written.  ``attention``: one of ATTENTION_KERNELS, as
+    the matching command-line switch would choose it (None: ComfyUI's own choice).
+    ``host_options`` go to ComfyHost (e.g. ``on_event``).
     """
     # Imported before ComfyHost takes the repository root off sys.path (it protects ComfyUI's
     # own ``nodes``); the builders import consistentid_core and the stand-ins lazily.
@@ -326,14 +431,43 @@ def start_comfyui(device: torch.device, base_directory: str | None = None):
     if base is None:
         base = tempfile.mkdtemp(prefix="cid-bench-comfyui-")
         atexit.register(shutil.rmtree, base, True)
-    return ComfyHost(comfyui_path(), cpu=device.type == "cpu", base_directory=base)
+    import inspect
+
+    options = dict(host_options)
+    if attention is not None and "attention" in inspect.signature(ComfyHost).parameters:
+        options["attention"] = attention  # the command-line switch, set before ComfyUI picks its kernel
+    host = ComfyHost(comfyui_path(), cpu=device.type == "cpu", base_directory=base, **options)
+    if attention is not None:
+        select_attention(attention)
+    return host
 
 
-def start(device_choice: str):
+def select_attention(name: str) -> str:
+    """Makes ComfyUI's ``optimized_attention`` the kernel of backend ``name``; returns the kernel's name.
+
+    The UNet's CrossAttention and the pack's plain-attention path look the module global up at
+    every call, so re-pointing it (and its masked twin) switches the UNet step.  Normally the
+    command-line switch has chosen it already and nothing changes; this is the fallback for a
+    host that cannot pass the switch.
+    """
+    import comfy.ldm.modules.attention as comfy_attention
+
+    kernel = getattr(comfy_attention, ATTENTION_KERNELS[name])
+    if comfy_attention.optimized_attention is not kernel:
+        logging.getLogger("consistentid.bench").warning(
+            "ComfyUI chose %s; switching its attention to %s", comfy_attention.optimized_attention.__name__,
+            kernel.__name__)
+        comfy_attention.optimized_attention = kernel
+        comfy_attention.optimized_attention_masked = kernel
+    return kernel.__name__
+
+
+def start(device_choice: str, attention: str | None = None):
     """(device, ComfyUI host, machine description): what every ComfyUI benchmark starts with."""
     logging.basicConfig(level=logging.WARNING)
     device = pick_device(device_choice)
-    return device, start_comfyui(device), machine_description(device)
+    host = start_comfyui(device, attention=attention)
+    return device, host, machine_description(device)
 
 
 # --- random ConsistentID inputs -----------------------------------------------------------------
