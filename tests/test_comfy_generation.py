@@ -4,6 +4,7 @@ Runs only with COMFYUI_PATH set.  Uses random weights of the real SD1.5 shapes b
 """
 
 import copy
+import importlib
 import logging
 
 import pytest
@@ -13,6 +14,7 @@ from comfy_harness import comfy_session, comfyui_path_or_skip
 from comfy_sd15 import (
     comfy_model_from_diffusers, comfy_sd15_clip, consistentid_sd15, diffusers_sd15_unet, random_embeds, unet_forward,
 )
+from numeric import SAME_MATH_FP32, assert_close, assert_differs
 
 pytestmark = pytest.mark.comfyui
 
@@ -99,9 +101,9 @@ def test_sigma_window_and_weight(comfy, unet_pair, ckpt, embeds):
     lora_only = unet_forward(_apply(comfy, model, ckpt, embeds, weight=0.0), x, t, text, [0, 1])
     late = _apply(comfy, model, ckpt, embeds, start_at=0.5, end_at=1.0)
     sigma_early = torch.tensor([14.0, 14.0])  # before start_at: only the LoRA acts
-    assert torch.allclose(unet_forward(late, x, t, text, [0, 1], sigma_early), lora_only, atol=1e-5)
+    assert_close(unet_forward(late, x, t, text, [0, 1], sigma_early), lora_only, SAME_MATH_FP32)
     sigma_late = torch.tensor([0.5, 0.5])
-    assert not torch.allclose(unet_forward(late, x, t, text, [0, 1], sigma_late), lora_only, atol=1e-4)
+    assert_differs(unet_forward(late, x, t, text, [0, 1], sigma_late), lora_only, 1e-4)
 
 
 def test_existing_patches_are_wrapped_and_ipadapter_add_stays_on_its_clone(comfy, unet_pair, ckpt, embeds):
@@ -256,7 +258,7 @@ def test_an_interrupt_during_sampling_leaves_nothing_patched(comfy, unet_pair, c
                                                          {"samples": torch.zeros(1, 4, 8, 8)}, 1, 1.0)
     assert len(calls) == 2
     assert _attn2_patches(model) == {} and model.patches == {}
-    assert torch.allclose(unet_forward(model, x, t, text, [0, 1]), baseline, atol=1e-6), "weights were left patched"
+    assert_close(unet_forward(model, x, t, text, [0, 1]), baseline, SAME_MATH_FP32, "weights were left patched")
 
 
 def test_a_reexecution_reuses_the_projections_and_the_lora_patches(comfy, unet_pair, ckpt, embeds):
@@ -273,7 +275,7 @@ def test_a_reexecution_reuses_the_projections_and_the_lora_patches(comfy, unet_p
     fresh = _apply(comfy, model, ckpt, other)
     assert _attn2_patches(fresh)[block].projections is not _attn2_patches(first)[block].projections
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.randn(2, 77, 768)
-    assert not torch.allclose(unet_forward(fresh, x, t, text, [0, 1]), unet_forward(first, x, t, text, [0, 1]), atol=1e-4)
+    assert_differs(unet_forward(fresh, x, t, text, [0, 1]), unet_forward(first, x, t, text, [0, 1]), 1e-4)
 
 
 def test_a_device_move_touches_each_block_once(comfy, unet_pair, ckpt, embeds, monkeypatch):
@@ -289,3 +291,39 @@ def test_a_device_move_touches_each_block_once(comfy, unet_pair, ckpt, embeds, m
     patch = _attn2_patches(patched)[("input", 1, 0)]
     assert patch.placement == (torch.device("cpu"), torch.bfloat16)
     assert any(k[0] == ("input", 1, 0) and k[2] == torch.bfloat16 for k in projections._moved)
+
+
+def test_a_bf16_patched_unet_equals_the_fp32_one_within_bf16_rounding(comfy, unet_pair, ckpt, embeds):
+    """The closest CPU proxy for a GPU run in half precision: weights stored in bf16, and the
+    patch moved to the model's dtype by ComfyUI's own load (``model_patches_to``)."""
+    from numeric import BF16
+
+    comfy_sd = importlib.import_module("comfy.sd")  # a plain import would shadow the ``comfy`` fixture
+
+    unet, fp32_model = unet_pair
+    state = {k: v.detach().to(torch.bfloat16) for k, v in unet.state_dict().items()}
+    bf16_model = comfy_sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.bfloat16})
+    assert bf16_model.model_dtype() == torch.bfloat16
+    gen = torch.Generator().manual_seed(21)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    t = torch.tensor([400, 400])
+
+    patched32, patched16 = _apply(comfy, fp32_model, ckpt, embeds), _apply(comfy, bf16_model, ckpt, embeds)
+    full = unet_forward(patched32, x, t, text, [0, 1])
+    half = unet_forward(patched16, x, t, text, [0, 1])
+    # load_models_gpu moved every block's patch to the model's dtype, and its ID keys/values with it
+    block = ("input", 1, 0)
+    patch = _attn2_patches(patched16)[block]
+    assert patch.placement[1] == torch.bfloat16
+    moved = [where for where in patch.projections._moved if where[0] == block]
+    assert (block, "cpu", torch.bfloat16) in moved
+    assert torch.isfinite(half).all()
+    assert_close(half.float(), full, BF16, "bf16 vs fp32 patched UNet")
+    # and the patch acts in bf16 as in fp32: the change it makes is the same change
+    plain16 = unet_forward(bf16_model, x, t, text, [0, 1])
+    plain32 = unet_forward(fp32_model, x, t, text, [0, 1])
+    assert_differs(full, plain32, 1e-2)
+    assert_close((half - plain16).float(), full - plain32, 0.1, "the patch's own term in bf16")
+    # moving the patched model back to fp32 moves the patch back too
+    patch.to(torch.float32)
+    assert patch.placement[1] == torch.float32
