@@ -19,6 +19,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("consistentid.host")
 
 EventFn = Callable[[str, dict], None]
+# ComfyUI's command-line switches for the UNet's weight dtype (--bf16-unet, --fp16-unet).
+UNET_DTYPE_FLAGS = {"bf16": "bf16_unet", "fp16": "fp16_unet"}
 # ComfyUI's command-line switches for its attention backends (comfy.cli_args).
 ATTENTION_FLAGS = {
     "pytorch": "use_pytorch_cross_attention",
@@ -52,7 +54,7 @@ class _Server:
 class ComfyHost:
     def __init__(self, comfyui_path: str, *, cpu: bool = False, base_directory: str | None = None,
                  output_directory: str | None = None, input_directory: str | None = None,
-                 on_event: EventFn | None = None, attention: str | None = None):
+                 on_event: EventFn | None = None, attention: str | None = None, unet_dtype: str | None = None):
         self.comfyui_path = os.path.abspath(comfyui_path)
         if not os.path.isfile(os.path.join(self.comfyui_path, "main.py")):
             raise FileNotFoundError(f"{self.comfyui_path} is not a ComfyUI folder (no main.py)")
@@ -70,6 +72,9 @@ class ComfyHost:
         # before comfy.model_management is imported, which picks the backend once.
         if attention is not None:
             setattr(args, ATTENTION_FLAGS[attention], True)
+        # ``unet_dtype``: one of UNET_DTYPE_FLAGS, or None for ComfyUI's own choice (fp32 on the CPU).
+        if unet_dtype is not None:
+            setattr(args, UNET_DTYPE_FLAGS[unet_dtype], True)
         args.base_directory = base_directory or self.comfyui_path
         import folder_paths
 
@@ -117,6 +122,19 @@ class ComfyHost:
         # As in ComfyUI's server: progress updates are where an interrupt request takes effect.
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.server.send_sync("progress", {"value": value, "max": total, "node": node_id})
+
+    def loaded_unet_dtypes(self) -> dict[str, str]:
+        """Weight dtype of each diffusion model ComfyUI has loaded, by model class (``{"SDXL": "bfloat16"}``)."""
+        import comfy.model_management
+
+        found = {}
+        for loaded in comfy.model_management.current_loaded_models:
+            patcher = loaded.model
+            unet = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+            if unet is not None:
+                weight = next(unet.parameters(), None)
+                found[type(patcher.model).__name__] = str(getattr(weight, "dtype", "?")).replace("torch.", "")
+        return found
 
     def full_path(self, folder: str, name: str) -> str | None:
         return self.folder_paths.get_full_path(folder, name)

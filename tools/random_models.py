@@ -41,6 +41,10 @@ VERSIONS = {
     "clip_vision_vit_l": "v1",
     "consistentid_sd15": "v2",
     "consistentid_sd15_attributes": "v1",
+    "consistentid_sdxl": "v1",
+    "consistentid_sdxl_attributes": "v1",
+    "sdxl_checkpoint": "v1",
+    "instantid_controlnet": "v1",
     "face_parser": "v1",
     "sd15_checkpoint": "v4",
 }
@@ -351,15 +355,19 @@ def random_consistentid_state(arch: str = "sd15", seed: int = 0) -> dict:
     }
 
 
+# SDXL's random ConsistentID is stored in fp16: in fp32 it would be twice the size for no benefit.
+_CONSISTENTID_DTYPES = {"sd15": torch.float32, "sdxl": torch.float16}
+
+
 def consistentid_checkpoint(path, arch: str = "sd15") -> Path:
     """An official-layout ConsistentID ``.bin`` (torch.save of the nested dict) with random weights."""
-    if arch != "sd15":
-        raise ValueError(f"only the sd15 ConsistentID stand-in is cached here, not {arch!r}")
+    dtype = _CONSISTENTID_DTYPES[arch]
 
     def build(tmp: Path) -> None:
-        torch.save(random_consistentid_state(arch, seed=0), str(tmp))
+        nested = random_consistentid_state(arch, seed=0)
+        torch.save({part: {k: v.to(dtype) for k, v in state.items()} for part, state in nested.items()}, str(tmp))
 
-    return place(cached_file("consistentid_sd15", ".bin", build), path)
+    return place(cached_file(f"consistentid_{arch}", ".bin", build), path)
 
 
 def consistentid_attributes_checkpoint(path, arch: str = "sd15") -> Path:
@@ -369,8 +377,7 @@ def consistentid_attributes_checkpoint(path, arch: str = "sd15") -> Path:
 
     Every branch weight is random, ``to_v_attr`` included (training starts it at zero), so the
     branch visibly changes what the UNet computes."""
-    if arch != "sd15":
-        raise ValueError(f"only the sd15 ConsistentID stand-in is cached here, not {arch!r}")
+    dtype = _CONSISTENTID_DTYPES[arch]
 
     def build(tmp: Path) -> None:
         from consistentid_core.attribute_branch import AttributeBranch, attribute_state_dict
@@ -378,13 +385,14 @@ def consistentid_attributes_checkpoint(path, arch: str = "sd15") -> Path:
         from safetensors.torch import save_file
 
         nested = random_consistentid_state(arch, seed=0)
-        flat = {f"{part}.{key}": value.contiguous() for part, state in nested.items() for key, value in state.items()}
+        flat = {f"{part}.{key}": value.to(dtype).contiguous() for part, state in nested.items()
+                for key, value in state.items()}
         gen = torch.Generator().manual_seed(1)
         for key, value in attribute_state_dict(AttributeBranch(arch, depth=2)).items():
-            flat[key] = torch.randn(value.shape, generator=gen) * 0.05
+            flat[key] = (torch.randn(value.shape, generator=gen) * 0.05).to(dtype)
         save_file(flat, str(tmp), metadata={"arch": arch})
 
-    return place(cached_file("consistentid_sd15_attributes", ".safetensors", build), path)
+    return place(cached_file(f"consistentid_{arch}_attributes", ".safetensors", build), path)
 
 
 def face_parser(path) -> Path:

@@ -44,6 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--attention", choices=("auto", "pytorch", "sub-quadratic", "split"), default="auto",
                         help="ComfyUI's attention backend; auto: pytorch on the CPU (faster there than ComfyUI's "
                              "CPU default, sub-quadratic), ComfyUI's own choice on a GPU")
+    parser.add_argument("--unet-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="weights of the base model's UNet; auto: bf16 for an SDXL smoke run on the CPU (its "
+                             "fp32 UNet alone is 10 GB), ComfyUI's own choice otherwise (fp32 on the CPU); bf16 "
+                             "halves the memory of a CPU run")
     args = parser.parse_args(argv)
     if not args.comfyui:
         parser.error("tell where ComfyUI is: --comfyui PATH or COMFYUI_PATH=PATH")
@@ -57,6 +61,19 @@ def has_accelerator() -> bool:
 
     mps = getattr(torch.backends, "mps", None)
     return torch.cuda.is_available() or bool(mps and mps.is_available())
+
+
+def choose_unet_dtype(requested: str, smoke: bool, cpu: bool, prompt: dict) -> str | None:
+    """ComfyHost's ``unet_dtype`` for ``--unet-dtype``: None leaves ComfyUI's own choice."""
+    if requested == "fp32":
+        return None
+    if requested != "auto":
+        return requested
+    if smoke and cpu:
+        from tools import smoke_models
+
+        return "bf16" if smoke_models.workflow_arch(prompt) == "sdxl" else None
+    return None
 
 
 def load_workflow(name: str) -> dict:
@@ -158,8 +175,11 @@ def main(argv=None) -> int:
 
     cpu = args.cpu or args.smoke or not has_accelerator()
     attention = args.attention if args.attention != "auto" else ("pytorch" if cpu else None)
+    unet_dtype = choose_unet_dtype(args.unet_dtype, args.smoke, cpu, prompt)
+    if unet_dtype is not None:
+        print(f"UNet weights in {unet_dtype} (--unet-dtype {args.unet_dtype})")
     host = ComfyHost(args.comfyui, cpu=cpu, base_directory=base, output_directory=os.path.abspath(args.out),
-                     input_directory=input_dir, on_event=printer(titles), attention=attention)
+                     input_directory=input_dir, on_event=printer(titles), attention=attention, unet_dtype=unet_dtype)
     photo_name = None
     if args.smoke:
         prompt = smoke_models.prepare(host, prompt, input_dir)
@@ -179,6 +199,8 @@ def main(argv=None) -> int:
     except WorkflowError as exc:
         print(f"The workflow failed:\n{exc}")
         return 1
+    for kind, dtype in sorted(host.loaded_unet_dtypes().items()):
+        print(f"base model: {kind}, UNet weights {dtype}")
     images = [img for out in result.get("outputs", {}).values() for img in out.get("images", []) if img.get("type") == "output"]
     for img in images:
         print(os.path.join(args.out, img.get("subfolder", ""), img["filename"]))

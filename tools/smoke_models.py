@@ -1,4 +1,4 @@
-"""Random-weight stand-ins for ``run_workflow.py --smoke``: every file the SD1.5 workflows name.
+"""Random-weight stand-ins for ``run_workflow.py --smoke``: every file the example workflows name.
 
 The pictures such a run makes are noise.  What it proves is that ComfyUI loads the pack, every
 loader reads its file, the face pipeline finds the (synthetic) face and sampling runs to the end.
@@ -20,40 +20,60 @@ from tools.insightface_standins import make_buffalo_l, red_square_image
 
 SMOKE_SIZE = 64
 SMOKE_STEPS = 2
-CHECKPOINT = "smoke_sd15_random.safetensors"
-UNSUPPORTED = {"SDXL checkpoint": "the smoke mode builds SD1.5 stand-ins only; run an SD1.5 workflow"}
+CHECKPOINTS = {"sd15": "smoke_sd15_random.safetensors", "sdxl": "smoke_sdxl_random.safetensors"}
+CHECKPOINT = CHECKPOINTS["sd15"]
+# The stand-in detector "sees" a saturated red square in the first channel of insightface's blob,
+# which is the last channel of the array it is given.  The official colour order feeds RGB to
+# insightface for SD1.5 (so the photo's square must be blue) and BGR for SDXL (red); the
+# keypoint node always feeds BGR, and only the SDXL workflow has one.
+PHOTO_COLOURS = {"sd15": "blue", "sdxl": "red"}
 
 
-def _photo(path: str, offset: int) -> None:
-    # The stand-in detector "sees" a saturated square; SD1.5's official colour order feeds RGB to
-    # insightface, which then reads the blue channel as red.
-    square = red_square_image(640, ((192 + offset, 192, 128, 255),), color="blue")
+def workflow_arch(prompt: dict) -> str:
+    """``sdxl`` when the workflow loads an SDXL checkpoint (by its title, as the examples name it)."""
+    titles = (node.get("_meta", {}).get("title", "") for node in prompt.values())
+    return "sdxl" if any("SDXL" in title for title in titles) else "sd15"
+
+
+def _photo(path: str, offset: int, colour: str) -> None:
+    square = red_square_image(640, ((192 + offset, 192, 128, 255),), color=colour)
     Image.fromarray(np.ascontiguousarray(square)).save(path)
 
 
-def place_models(models_dir: str) -> None:
-    """Every file the SD1.5 example workflows name, with random weights, under ``models_dir``."""
-    random_models.sd15_checkpoint(os.path.join(models_dir, "checkpoints", CHECKPOINT))
-    random_models.consistentid_checkpoint(os.path.join(models_dir, "consistentid", "ConsistentID-v1.bin"))
-    random_models.consistentid_attributes_checkpoint(
-        os.path.join(models_dir, "consistentid", "ConsistentID-v1-attributes.safetensors"))
-    random_models.face_parser(os.path.join(models_dir, "consistentid", "face_parsing.pth"))
+def place_models(models_dir: str, arch: str = "sd15") -> None:
+    """Every file the example workflows of ``arch`` name, with random weights, under ``models_dir``.
+
+    SD1.5 takes about 4 GB of cache; SDXL about 13 GB more and a few minutes for its first build."""
+    consistentid = os.path.join(models_dir, "consistentid")
+    if arch == "sdxl":
+        from tools import random_sdxl_models
+
+        random_sdxl_models.sdxl_checkpoint(os.path.join(models_dir, "checkpoints", CHECKPOINTS["sdxl"]))
+        random_sdxl_models.instantid_controlnet(
+            os.path.join(models_dir, "controlnet", "instantid", "diffusion_pytorch_model.safetensors"))
+        random_models.consistentid_checkpoint(os.path.join(consistentid, "ConsistentID_SDXL-v1.bin"), "sdxl")
+        random_models.consistentid_attributes_checkpoint(
+            os.path.join(consistentid, "ConsistentID_SDXL-v1-attributes.safetensors"), "sdxl")
+    else:
+        random_models.sd15_checkpoint(os.path.join(models_dir, "checkpoints", CHECKPOINTS["sd15"]))
+        random_models.consistentid_checkpoint(os.path.join(consistentid, "ConsistentID-v1.bin"))
+        random_models.consistentid_attributes_checkpoint(
+            os.path.join(consistentid, "ConsistentID-v1-attributes.safetensors"))
+    random_models.face_parser(os.path.join(consistentid, "face_parsing.pth"))
     random_models.clip_vision_vit_h(os.path.join(models_dir, "clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"))
     make_buffalo_l(os.path.join(models_dir, "insightface", "models", "buffalo_l"))
 
 
 def shrink(prompt: dict, input_dir: str) -> dict:
     """The workflow on the stand-ins: synthetic photos, the random checkpoint, 64 px, 2 steps."""
-    for node in prompt.values():
-        title = node.get("_meta", {}).get("title", "")
-        if title in UNSUPPORTED:
-            raise SystemExit(UNSUPPORTED[title])
+    arch = workflow_arch(prompt)
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "LoadImage":
-            _photo(os.path.join(input_dir, inputs["image"]), offset=0 if "2" not in inputs["image"] else 64)
+            _photo(os.path.join(input_dir, inputs["image"]), 0 if "2" not in inputs["image"] else 64,
+                   PHOTO_COLOURS[arch])
         elif kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = CHECKPOINT
+            inputs["ckpt_name"] = CHECKPOINTS[arch]
         elif kind == "EmptyLatentImage":
             inputs["width"] = inputs["height"] = SMOKE_SIZE
         elif kind in ("KSampler", "ConsistentIDKSampler", "ConsistentIDMergeStep"):
@@ -64,6 +84,6 @@ def shrink(prompt: dict, input_dir: str) -> dict:
 
 
 def prepare(host, prompt: dict, input_dir: str) -> dict:
-    place_models(host.folder_paths.models_dir)
+    place_models(host.folder_paths.models_dir, workflow_arch(prompt))
     host.folder_paths.filename_list_cache.clear()
     return shrink(prompt, input_dir)
