@@ -1,0 +1,34 @@
+"""tools/run_workflow.py's choices that need no ComfyUI: which UNet dtype a run asks for."""
+
+import json
+import os
+
+import pytest
+
+from tools import run_workflow
+
+WORKFLOWS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workflows")
+
+
+def _workflow(name):
+    with open(os.path.join(WORKFLOWS, f"{name}_api.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("requested, smoke, cpu, workflow, expected", [
+    ("auto", True, True, "sdxl_portrait", "bf16"),       # an SDXL smoke run on the CPU: fp32 UNet alone is 10 GB
+    ("auto", True, True, "sd15_portrait", None),         # SD1.5 fits in fp32: ComfyUI's own choice
+    ("auto", False, True, "sdxl_portrait", None),        # real weights: the user's ComfyUI defaults
+    ("auto", True, False, "sdxl_portrait", None),        # a GPU picks its own half precision
+    ("fp32", True, True, "sdxl_portrait", None),
+    ("bf16", False, False, "sd15_portrait", "bf16"),
+    ("fp16", False, True, "sd15_portrait", "fp16"),
+])
+def test_unet_dtype_choice(requested, smoke, cpu, workflow, expected):
+    assert run_workflow.choose_unet_dtype(requested, smoke, cpu, _workflow(workflow)) == expected
+
+
+def test_unet_dtype_option_refuses_unknown_values(capsys):
+    with pytest.raises(SystemExit):
+        run_workflow.parse_args(["--smoke", "--comfyui", "/x", "--unet-dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
