@@ -27,6 +27,16 @@ TokenWeights = list[tuple[int, float]]
 TextEncoder = Callable[[dict], tuple[torch.Tensor, torch.Tensor | None]]
 WeightFn = Callable[[str, str, list[int]], list[float] | None]  # (text, "l" | "g", ids) -> weights
 
+# The official merge step (spec §2.1, §2.7): 50 steps, the text-only prompt for steps 0..30 (31 steps)
+# and the facial prompt after, i.e. a boundary at (start_merge_step + 1) / steps of the schedule.
+OFFICIAL_STEPS = 50
+OFFICIAL_MERGE_STEP = 30
+DEFAULT_MERGE_AT = (OFFICIAL_MERGE_STEP + 1) / OFFICIAL_STEPS
+"""The default ``merge_at`` of every node and workflow: 0.62.  A schedule of 50 steps spaced evenly in
+timestep (ComfyUI's ``normal`` scheduler) puts step i at i/49 of it, so 0.62 falls between step 30
+(0.612) and step 31 (0.633): the official switch.  ``merge_fraction`` gives the exact boundary for any
+schedule."""
+
 
 @dataclass
 class ConditioningSet:
@@ -185,6 +195,6 @@ def warn_facial_prompt_unused(why: str) -> None:
     """Logs that the facial prompt (the fused facial tokens) will never be used, and what to do."""
     logger.warning(
         "%s, so the facial prompt is never used and only the text-only prompt (plus the ID "
-        "tokens) conditions the image. Use more steps or an earlier merge step (official: after step 30 of 50, "
-        "merge_at 0.62 with the normal scheduler)", why,
+        "tokens) conditions the image. Use more steps or an earlier merge step (official: after step %d of %d, "
+        "merge_at %g with the normal scheduler)", why, OFFICIAL_MERGE_STEP, OFFICIAL_STEPS, DEFAULT_MERGE_AT,
     )

@@ -12,7 +12,7 @@ from ..consistentid_core.errors import ArchitectureMismatchError, PromptError
 from ..consistentid_core.id_attention import IDPatchSettings, normalise_mask
 from .patch import add_lora_patches, attribute_tokens, check_model, id_projections, install_attn2_patches
 from .memory import register_patch_release
-from .types import CATEGORY, AttributeEmbedsType, ConsistentIDEmbeds, ConsistentIDModel
+from .types import CATEGORY_APPLY, AttributeEmbedsType, ConsistentIDEmbeds, ConsistentIDModel
 
 logger = logging.getLogger("consistentid")
 
@@ -97,31 +97,46 @@ class ConsistentIDApplyModel(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ConsistentIDApplyModel",
-            display_name="Apply ConsistentID Model",
-            category=CATEGORY,
-            description="Patches the model: ConsistentID's LoRA on every attention layer and the 4 identity tokens "
-                        "in every cross-attention layer (middle block included).",
+            display_name="Apply ConsistentID to Model (ID tokens + LoRA)",
+            category=CATEGORY_APPLY,
+            description="Patches the model only: ConsistentID's LoRA on every attention layer and the 4 identity "
+                        "tokens in every cross-attention layer (middle block included). The prompt side is "
+                        "ConsistentID Conditioning; Apply ConsistentID All-in-One does both.",
             inputs=[
-                io.Model.Input("model"),
-                ConsistentIDModel.Input("consistentid"),
-                ConsistentIDEmbeds.Input("embeds"),
+                io.Model.Input("model", tooltip="the SD1.5 or SDXL model from Load Checkpoint (never modified: a "
+                                                "patched copy comes out); LoRA loaders may come before"),
+                ConsistentIDModel.Input("consistentid", tooltip="from Load ConsistentID Weights (same architecture "
+                                                                "as the model)"),
+                ConsistentIDEmbeds.Input("embeds", tooltip="the identity: from Encode Face, Load/Combine Embeds "
+                                                           "or Regions From Other Photos"),
                 io.Float.Input("weight", default=1.0, min=0.0, max=MAX_WEIGHT, step=0.05,
-                               tooltip="strength of the identity tokens (official: 1.0)"),
+                               tooltip=f"strength of the identity tokens, 0..{MAX_WEIGHT:g} (official: 1.0)"),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=MAX_LORA_STRENGTH, step=0.05,
-                               tooltip="strength of ConsistentID's attention LoRA (official: 1.0)"),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01),
+                               tooltip=f"strength of ConsistentID's attention LoRA, 0..{MAX_LORA_STRENGTH:g} "
+                                       "(official: 1.0)"),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="fraction of sampling where the identity tokens start (0..1, not after "
+                                       "end_at; official: 0)"),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="fraction of sampling where the identity tokens stop (0..1; official: 1)"),
                 io.Mask.Input("attn_mask", optional=True,
                               tooltip="where the identity applies (white = yes); one mask, or one per latent image"),
                 AttributeEmbedsType.Input("attribute_embeds", optional=True,
-                                          tooltip="hair, glasses, hat... from Encode Attributes; needs weights "
-                                                  "trained with the attribute stage (not the released files)"),
+                                          tooltip="hair, glasses, hat... from Encode Attributes (experimental); "
+                                                  "needs weights trained with the attribute stage (not the "
+                                                  "released files)"),
                 io.Float.Input("attr_weight", default=1.0, min=0.0, max=MAX_WEIGHT, step=0.05, optional=True,
-                               tooltip="strength of the attribute tokens"),
-                io.Float.Input("attr_start_at", default=0.0, min=0.0, max=1.0, step=0.01, optional=True),
-                io.Float.Input("attr_end_at", default=1.0, min=0.0, max=1.0, step=0.01, optional=True),
+                               tooltip=f"strength of the attribute tokens, 0..{MAX_WEIGHT:g}; used only with "
+                                       "attribute_embeds"),
+                io.Float.Input("attr_start_at", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="fraction of sampling where the attribute tokens start (0..1, not after "
+                                       "attr_end_at)"),
+                io.Float.Input("attr_end_at", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="fraction of sampling where the attribute tokens stop (0..1)"),
             ],
-            outputs=[io.Model.Output(display_name="model")],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="the patched model; to KSampler (with ConsistentID Conditioning's "
+                                             "positive and negative)")],
         )
 
     @classmethod

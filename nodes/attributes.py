@@ -18,7 +18,7 @@ from .encode import check_clip_vision, comfy_vision_encoder
 from .images import image_batch_to_uint8
 from .memory import use_face_parser
 from .progress import comfy_progress, each_with_progress
-from .types import CATEGORY, AttributeEmbedsType, FaceParser
+from .types import CATEGORY_FLEXID, AttributeEmbedsType, FaceParser
 
 
 def encode_attribute_batch(images, face_parser, clip_vision, mode: str, arch: str,
@@ -47,18 +47,26 @@ class ConsistentIDEncodeAttributes(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDEncodeAttributes",
             display_name="Encode Attributes (ConsistentID, FlexID)",
-            category=CATEGORY,
+            category=CATEGORY_FLEXID,
             description="Hair, glasses, hat, earrings, necklace and head outline of a photo, for the attribute branch "
-                        "(needs ConsistentID weights trained with the attribute stage). Nothing found: the branch is skipped.",
+                        "(needs ConsistentID weights trained with the attribute stage; none are published, so this "
+                        "node is experimental). Nothing found: the branch is skipped.",
             inputs=[
-                io.ClipVision.Input("clip_vision"),
-                FaceParser.Input("face_parser"),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP-ViT-H-14-laion2B-s32B-b79K from ComfyUI's Load CLIP "
+                                                           "Vision (the one Encode Face uses)"),
+                FaceParser.Input("face_parser", tooltip="from Load Face Parser (ConsistentID): finds hair, "
+                                                        "glasses, hat..."),
                 io.Image.Input("image", tooltip="the photo whose hair, glasses, hat... you want"),
                 io.Combo.Input("mode", options=list(CROP_MODES), default="crop",
                                tooltip="crop: a loose crop around each attribute; full: the whole frame, masked"),
-                io.Combo.Input("resolution", options=["sd15 (512)", "sdxl (1280)"], default="sd15 (512)"),
+                io.Combo.Input("resolution", options=["sd15 (512)", "sdxl (1280)"], default="sd15 (512)",
+                               tooltip="the size the photo is squashed to before parsing: match the model "
+                                       "(SD1.5 or SDXL)"),
             ],
-            outputs=[AttributeEmbedsType.Output(display_name="attribute_embeds")],
+            outputs=[AttributeEmbedsType.Output(display_name="attribute_embeds",
+                                                tooltip="to attribute_embeds of Apply ConsistentID to Model (needs "
+                                                        "weights with the attribute branch)")],
+            is_experimental=True,
         )
 
     @classmethod

@@ -12,13 +12,15 @@ import weakref
 
 from comfy_api.latest import io
 
-from ..consistentid_core.conditioning import build_conditioning, warn_facial_prompt_unused
+from ..consistentid_core.conditioning import (
+    DEFAULT_MERGE_AT, OFFICIAL_MERGE_STEP, OFFICIAL_STEPS, build_conditioning, warn_facial_prompt_unused,
+)
 from ..consistentid_core.emphasis import strip_emphasis
 from ..consistentid_core.layers import ARCH_LABEL
 from ..consistentid_core.errors import ArchitectureMismatchError, PromptError
 from ..consistentid_core.text import CAPTION_SD15, CAPTION_SD15_OLD, CAPTION_SDXL
 from .apply import check_embeds
-from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel, RegionStrengthsType
+from .types import CATEGORY_APPLY, ConsistentIDEmbeds, ConsistentIDModel, RegionStrengthsType
 
 logger = logging.getLogger("consistentid")
 
@@ -35,10 +37,23 @@ DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality,
 def prompt_inputs() -> list:
     """The text and negative_text widgets, shared by the split and the one-box nodes."""
     return [
-        io.String.Input("text", multiline=True, default=DEFAULT_PROMPT),
+        io.String.Input("text", multiline=True, default=DEFAULT_PROMPT,
+                        tooltip="the prompt, e.g. 'A man, in a forest, adventuring'; the facial caption is "
+                                "appended to it, and a prompt too long for 77 tokens is cut"),
         io.String.Input("negative_text", multiline=True, default=DEFAULT_NEGATIVE,
                         tooltip="read literally as the official code does; only the first 77 tokens count"),
     ]
+
+
+def merge_at_input(tooltip: str):
+    """The merge_at widget, with the one default every node uses (consistentid_core.conditioning)."""
+    return io.Float.Input("merge_at", default=DEFAULT_MERGE_AT, min=0.0, max=1.0, step=0.01, tooltip=tooltip)
+
+
+MERGE_AT_TOOLTIP = (f"fraction of sampling after which the facial prompt replaces the text-only one (0..1); "
+                    f"{DEFAULT_MERGE_AT:g} = the official switch after step {OFFICIAL_MERGE_STEP} of {OFFICIAL_STEPS} "
+                    "with the normal scheduler. For an exact step with any scheduler, link ConsistentID Merge Step here")
+
 PHASE_KEY = "consistentid_phase"  # marks our entries so ConsistentIDKSampler can re-time them
 _second_tokenizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -95,8 +110,8 @@ def resolve_caption(choice: str, custom: str, arch: str) -> str:
     return CAPTIONS[choice]
 
 
-def consistentid_conditioning(clip, ckpt, embeds, text, negative_text, caption=CAPTION_SD15, merge_at=0.6,
-                              emphasis="literal (official)", strengths=None):
+def consistentid_conditioning(clip, ckpt, embeds, text, negative_text, caption=CAPTION_SD15,
+                              merge_at=DEFAULT_MERGE_AT, emphasis="literal (official)", strengths=None):
     """(positive, negative) CONDITIONING lists."""
     if not 0.0 <= merge_at <= 1.0:
         raise PromptError(f"merge_at must be between 0 and 1, got {merge_at}")
@@ -142,18 +157,20 @@ class ConsistentIDConditioning(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDConditioning",
             display_name="ConsistentID Conditioning",
-            category=CATEGORY,
+            category=CATEGORY_APPLY,
             description="Encodes the prompt with the facial caption; the facial tokens take over at merge_at "
                         "(official: after step 30 of 50). Use 'ConsistentID Merge Step' for an exact step.",
             inputs=[
-                io.Clip.Input("clip"),
-                ConsistentIDModel.Input("consistentid"),
-                ConsistentIDEmbeds.Input("embeds"),
+                io.Clip.Input("clip", tooltip="the text encoder of the checkpoint (SD1.5 or SDXL, matching the "
+                                              "ConsistentID weights)"),
+                ConsistentIDModel.Input("consistentid", tooltip="from Load ConsistentID Weights: its facial "
+                                                                "encoder fuses the regions into the prompt"),
+                ConsistentIDEmbeds.Input("embeds", tooltip="from Encode Face, Load/Combine Embeds or Regions "
+                                                           "From Other Photos"),
                 *prompt_inputs(),
                 io.Combo.Input("caption", options=CAPTION_CHOICES, default="auto",
                                tooltip="the facial caption appended to the prompt; auto = the official one for the model"),
-                io.Float.Input("merge_at", default=0.62, min=0.0, max=1.0, step=0.01,
-                               tooltip="fraction of sampling after which the facial tokens are used"),
+                merge_at_input(MERGE_AT_TOOLTIP),
                 io.Combo.Input("emphasis", options=["literal (official)", "comfy (word:1.2)"], default="literal (official)",
                                tooltip="literal: brackets are text, as the official code reads them; comfy: ComfyUI weights"),
                 io.String.Input("custom_caption", default="", optional=True,
@@ -161,7 +178,14 @@ class ConsistentIDConditioning(io.ComfyNode):
                 RegionStrengthsType.Input("region_strengths", optional=True,
                                           tooltip="from ConsistentID Region Strengths; all 1.0 when not connected"),
             ],
-            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+            outputs=[
+                io.Conditioning.Output(display_name="positive",
+                                       tooltip="text-only before merge_at, facial after; to KSampler's positive "
+                                               "(or to KSampler (ConsistentID merge step))"),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="the negative prompt with the official facial-fused tokens; to "
+                                               "KSampler's negative"),
+            ],
         )
 
     @classmethod

@@ -12,7 +12,7 @@ from ..consistentid_core.embeds import (
     COMBINE_METHODS, EXTENSION, TEMP_PREFIX, FaceEmbeds, load_embeds, resolve_inside, save_numbered_embeds,
 )
 from ..consistentid_core.errors import EmbedsError
-from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel
+from .types import CATEGORY_EMBEDS, ConsistentIDEmbeds, ConsistentIDModel
 
 logger = logging.getLogger("consistentid")
 
@@ -45,10 +45,11 @@ class ConsistentIDSaveEmbeds(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDSaveEmbeds",
             display_name="Save ConsistentID Embeds",
-            category=CATEGORY,
+            category=CATEGORY_EMBEDS,
             description="Writes the embeds as .safetensors into ComfyUI's output folder (numbered, never overwritten).",
             inputs=[
-                ConsistentIDEmbeds.Input("embeds"),
+                ConsistentIDEmbeds.Input("embeds", tooltip="from Encode Face (or Combine Embeds); saved with "
+                                                           "their architecture and sources"),
                 io.String.Input("filename_prefix", default="consistentid/embeds",
                                 tooltip="relative to the output folder; '..' and absolute paths are refused"),
             ],
@@ -71,14 +72,18 @@ class ConsistentIDLoadEmbeds(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDLoadEmbeds",
             display_name="Load ConsistentID Embeds",
-            category=CATEGORY,
+            category=CATEGORY_EMBEDS,
             description="Reads embeds saved by Save ConsistentID Embeds from the input or output folder.",
             inputs=[
-                io.Combo.Input("embeds_file", options=_embeds_files()),
+                io.Combo.Input("embeds_file", options=_embeds_files(),
+                               tooltip="a .safetensors embeds file under input/ or output/ (Save ConsistentID "
+                                       "Embeds writes to output/consistentid/)"),
                 ConsistentIDModel.Input("consistentid", optional=True,
                                         tooltip="when connected, embeds of the other architecture are refused here"),
             ],
-            outputs=[ConsistentIDEmbeds.Output(display_name="embeds")],
+            outputs=[ConsistentIDEmbeds.Output(display_name="embeds",
+                                               tooltip="to Apply ConsistentID or ConsistentID Conditioning, as "
+                                                       "Encode Face's embeds")],
         )
 
     @classmethod
@@ -105,16 +110,21 @@ class ConsistentIDCombineEmbeds(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDCombineEmbeds",
             display_name="Combine ConsistentID Embeds",
-            category=CATEGORY,
+            category=CATEGORY_EMBEDS,
             description="Joins embeds of several photos: concat keeps them as a batch, the others reduce to one identity.",
             inputs=[
-                ConsistentIDEmbeds.Input("embeds_1"),
-                ConsistentIDEmbeds.Input("embeds_2"),
-                ConsistentIDEmbeds.Input("embeds_3", optional=True),
-                ConsistentIDEmbeds.Input("embeds_4", optional=True),
-                io.Combo.Input("method", options=["concat", *COMBINE_METHODS], default="average"),
+                ConsistentIDEmbeds.Input("embeds_1", tooltip="embeds of one photo (or of several); the "
+                                                             "'first' method keeps only these"),
+                ConsistentIDEmbeds.Input("embeds_2", tooltip="embeds of another photo of the same person, same "
+                                                             "architecture"),
+                ConsistentIDEmbeds.Input("embeds_3", optional=True, tooltip="optional third embeds"),
+                ConsistentIDEmbeds.Input("embeds_4", optional=True, tooltip="optional fourth embeds"),
+                io.Combo.Input("method", options=["concat", *COMBINE_METHODS], default="average",
+                               tooltip="concat: keep them as a batch; average / norm_average: one identity "
+                                       "from all of them; first: embeds_1's first reference only"),
             ],
-            outputs=[ConsistentIDEmbeds.Output(display_name="embeds")],
+            outputs=[ConsistentIDEmbeds.Output(display_name="embeds",
+                                               tooltip="to Apply ConsistentID or ConsistentID Conditioning")],
         )
 
     @classmethod

@@ -19,7 +19,7 @@ from ..consistentid_core.preview import label_overlay, reference_preview, stack_
 from .images import image_batch_to_uint8, uint8_to_image_batch
 from .memory import use_face_parser
 from .progress import comfy_progress, each_with_progress
-from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel, FaceAnalysis, FaceParser
+from .types import CATEGORY_ENCODE, ConsistentIDEmbeds, ConsistentIDModel, FaceAnalysis, FaceParser
 
 logger = logging.getLogger("consistentid")
 
@@ -60,15 +60,21 @@ class ConsistentIDFaceParse(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDFaceParse",
             display_name="Face Parse (ConsistentID)",
-            category=CATEGORY,
+            category=CATEGORY_ENCODE,
             description="Shows the regions ConsistentID cuts out: 5 masks per image (face, eye, ear, nose, lip) and a coloured overlay.",
             inputs=[
-                io.Image.Input("image"),
-                FaceParser.Input("face_parser"),
+                io.Image.Input("image", tooltip="one or more face photos, e.g. from Load Image"),
+                FaceParser.Input("face_parser", tooltip="from Load Face Parser (ConsistentID)"),
                 io.Combo.Input("resolution", options=["sd15 (512)", "sdxl (1280)"], default="sd15 (512)",
                                tooltip="the size the photo is squashed to before parsing, as the official pipelines do"),
             ],
-            outputs=[io.Mask.Output(display_name="region_masks"), io.Image.Output(display_name="overlay")],
+            outputs=[
+                io.Mask.Output(display_name="region_masks",
+                               tooltip="5 masks per image, in the order face, eye, ear, nose, lip (empty where a "
+                                       "region is missing); e.g. to Mask To Image"),
+                io.Image.Output(display_name="overlay", tooltip="the photo with the parser's classes coloured; "
+                                                                "to Preview Image"),
+            ],
         )
 
     @classmethod
@@ -99,13 +105,14 @@ class ConsistentIDEncodeFace(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDEncodeFace",
             display_name="Encode Face (ConsistentID)",
-            category=CATEGORY,
+            category=CATEGORY_ENCODE,
             description="Reference photo(s) -> identity embedding, CLIP features and the 5 facial-region features.",
             inputs=[
-                ConsistentIDModel.Input("consistentid"),
+                ConsistentIDModel.Input("consistentid", tooltip="from Load ConsistentID Weights: sets SD1.5 or "
+                                                                "SDXL preprocessing"),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP-ViT-H-14-laion2B-s32B-b79K from ComfyUI's Load CLIP Vision"),
-                FaceAnalysis.Input("face_analysis"),
-                FaceParser.Input("face_parser"),
+                FaceAnalysis.Input("face_analysis", tooltip="from Load InsightFace (ConsistentID), buffalo_l"),
+                FaceParser.Input("face_parser", tooltip="from Load Face Parser (ConsistentID)"),
                 io.Image.Input("image", tooltip="one or more reference photos of the same person"),
                 io.Combo.Input("face_select", options=FACE_SELECT, default="first",
                                tooltip="which face of a photo: first = the official detector order"),
@@ -117,7 +124,14 @@ class ConsistentIDEncodeFace(io.ComfyNode):
                                tooltip="colour order fed to insightface. official: RGB for SD1.5 (as the official "
                                        "pipeline), BGR for SDXL; bgr is what insightface expects"),
             ],
-            outputs=[ConsistentIDEmbeds.Output(display_name="embeds"), io.Image.Output(display_name="preview")],
+            outputs=[
+                ConsistentIDEmbeds.Output(display_name="embeds",
+                                          tooltip="identity + region features; to Apply ConsistentID, ConsistentID "
+                                                  "Conditioning or Save ConsistentID Embeds"),
+                io.Image.Output(display_name="preview",
+                                tooltip="one row per photo: the faces found (the chosen one green), the parse "
+                                        "and the region crops used; to Preview Image"),
+            ],
         )
 
     @classmethod

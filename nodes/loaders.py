@@ -13,7 +13,7 @@ from ..consistentid_core.errors import ModelFileError
 from ..consistentid_core.insightface_models import find_insightface_model_dir, get_face_analysis, resolve_providers
 from ..consistentid_core.face_parser import PARSER_FILE_NAMES, get_face_parser
 from . import folders
-from .types import CATEGORY, ConsistentIDModel, FaceAnalysis, FaceParser
+from .types import CATEGORY_LOADERS, ConsistentIDModel, FaceAnalysis, FaceParser
 
 logger = logging.getLogger("consistentid")
 
@@ -37,8 +37,8 @@ class ConsistentIDModelLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ConsistentIDModelLoader",
-            display_name="Load ConsistentID Model",
-            category=CATEGORY,
+            display_name="Load ConsistentID Weights",
+            category=CATEGORY_LOADERS,
             description="Loads ConsistentID weights (official .bin or .safetensors, SD1.5 or SDXL) from models/consistentid.",
             inputs=[
                 io.Combo.Input(
@@ -47,7 +47,9 @@ class ConsistentIDModelLoader(io.ComfyNode):
                     tooltip="ConsistentID-v1.bin (SD1.5) or ConsistentID_SDXL-v1.bin (SDXL) in models/consistentid",
                 ),
             ],
-            outputs=[ConsistentIDModel.Output(display_name="consistentid")],
+            outputs=[ConsistentIDModel.Output(display_name="consistentid",
+                                              tooltip="the ConsistentID weights (SD1.5 or SDXL); to Encode Face, "
+                                                      "Apply ConsistentID and ConsistentID Conditioning")],
         )
 
     @classmethod
@@ -66,15 +68,17 @@ class ConsistentIDFaceAnalysisLoader(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDFaceAnalysisLoader",
             display_name="Load InsightFace (ConsistentID)",
-            category=CATEGORY,
+            category=CATEGORY_LOADERS,
             description="insightface detector + ArcFace from models/insightface/models/<name>/ (never downloads).",
             inputs=[
                 io.Combo.Input("model_name", options=INSIGHTFACE_NAMES, default="buffalo_l",
                                tooltip="ConsistentID was trained with buffalo_l; antelopev2 embeddings live in another space"),
                 io.Combo.Input("provider", options=PROVIDERS, default="auto",
-                               tooltip="onnxruntime execution provider; 'auto' takes the best available and logs it"),
+                               tooltip="onnxruntime execution provider; 'auto' takes the best available and logs it "
+                                       "(CUDA needs onnxruntime-gpu installed in place of onnxruntime)"),
             ],
-            outputs=[FaceAnalysis.Output(display_name="face_analysis")],
+            outputs=[FaceAnalysis.Output(display_name="face_analysis",
+                                         tooltip="face detector + ArcFace; to Encode Face and Face Keypoints")],
         )
 
     @classmethod
@@ -91,15 +95,17 @@ class ConsistentIDFaceParserLoader(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDFaceParserLoader",
             display_name="Load Face Parser (ConsistentID)",
-            category=CATEGORY,
+            category=CATEGORY_LOADERS,
             description="The 19-class BiSeNet face parser from models/consistentid or models/facexlib.",
             inputs=[
                 io.Combo.Input("parser_file", options=_choices(folders.parser_files()),
                                tooltip=f"one of {', '.join(PARSER_FILE_NAMES)} in models/consistentid or models/facexlib"),
                 io.Combo.Input("device", options=["auto", "cpu"], default="auto",
-                               tooltip="auto: ComfyUI's compute device"),
+                               tooltip="auto: ComfyUI's compute device; cpu keeps the parser off the GPU"),
             ],
-            outputs=[FaceParser.Output(display_name="face_parser")],
+            outputs=[FaceParser.Output(display_name="face_parser",
+                                       tooltip="the BiSeNet face parser; to Encode Face, Face Parse and Encode "
+                                               "Attributes")],
         )
 
     @classmethod

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .apply import apply_model
-from .conditioning import consistentid_conditioning, prompt_inputs, resolve_caption
-from .types import CATEGORY, ConsistentIDEmbeds, ConsistentIDModel
+from .apply import MAX_WEIGHT, apply_model
+from .conditioning import MERGE_AT_TOOLTIP, consistentid_conditioning, merge_at_input, prompt_inputs, resolve_caption
+from .types import CATEGORY_APPLY, ConsistentIDEmbeds, ConsistentIDModel
 
 
 class ConsistentIDApply(io.ComfyNode):
@@ -14,22 +14,27 @@ class ConsistentIDApply(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ConsistentIDApply",
-            display_name="Apply ConsistentID",
-            category=CATEGORY,
-            description="Patches the model and builds the positive/negative conditioning with the official defaults.",
+            display_name="Apply ConsistentID All-in-One (model + prompt)",
+            category=CATEGORY_APPLY,
+            description="One box with the official defaults: patches the model (what Apply ConsistentID to Model "
+                        "does) and builds the positive/negative conditioning (what ConsistentID Conditioning does).",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                ConsistentIDModel.Input("consistentid"),
-                ConsistentIDEmbeds.Input("embeds"),
+                io.Model.Input("model", tooltip="the SD1.5 or SDXL model from Load Checkpoint (never modified: a "
+                                                "patched copy comes out)"),
+                io.Clip.Input("clip", tooltip="the text encoder of the same checkpoint"),
+                ConsistentIDModel.Input("consistentid", tooltip="from Load ConsistentID Weights (same architecture "
+                                                                "as the checkpoint)"),
+                ConsistentIDEmbeds.Input("embeds", tooltip="from Encode Face, Load Embeds or Combine Embeds"),
                 *prompt_inputs(),
-                io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05),
-                io.Float.Input("merge_at", default=0.62, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("weight", default=1.0, min=0.0, max=MAX_WEIGHT, step=0.05,
+                               tooltip=f"strength of the identity tokens, 0..{MAX_WEIGHT:g} (official: 1.0)"),
+                merge_at_input(MERGE_AT_TOOLTIP),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.Conditioning.Output(display_name="positive"),
-                io.Conditioning.Output(display_name="negative"),
+                io.Model.Output(display_name="MODEL", tooltip="the patched model; to KSampler's model"),
+                io.Conditioning.Output(display_name="positive",
+                                       tooltip="text-only before merge_at, facial after; to KSampler's positive"),
+                io.Conditioning.Output(display_name="negative", tooltip="to KSampler's negative"),
             ],
         )
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..consistentid_core.conditioning import merge_fraction
+from ..consistentid_core.conditioning import OFFICIAL_MERGE_STEP, OFFICIAL_STEPS, merge_fraction
 from ..consistentid_core.errors import PromptError
 from .conditioning import PHASE_KEY
-from .types import CATEGORY
+from .types import CATEGORY_SAMPLING
 
 
 def schedule(model, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str | None = None):
@@ -71,17 +71,25 @@ class ConsistentIDMergeStep(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDMergeStep",
             display_name="ConsistentID Merge Step",
-            category=CATEGORY,
+            category=CATEGORY_SAMPLING,
             description="The merge_at for ConsistentID Conditioning that switches to the facial tokens exactly after "
                         "step merge_step (official: 30 of 50), for a KSampler with these steps and scheduler.",
             inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("scheduler", options=schedulers, default="normal"),
-                io.Int.Input("steps", default=50, min=1, max=10000),
-                io.Int.Input("merge_step", default=30, min=0, max=10000),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True),
+                io.Model.Input("model", tooltip="the model the KSampler samples (its noise schedule sets where "
+                                                "each step falls)"),
+                io.Combo.Input("scheduler", options=schedulers, default="normal",
+                               tooltip="the same scheduler as the KSampler's"),
+                io.Int.Input("steps", default=OFFICIAL_STEPS, min=1, max=10000,
+                             tooltip=f"the same steps as the KSampler's (official: {OFFICIAL_STEPS})"),
+                io.Int.Input("merge_step", default=OFFICIAL_MERGE_STEP, min=0, max=10000,
+                             tooltip=f"the last step with the text-only prompt, 0..steps-1 (official: "
+                                     f"{OFFICIAL_MERGE_STEP}); the facial prompt starts at the step after it"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="the same denoise as the KSampler's (1.0 = the full schedule)"),
             ],
-            outputs=[io.Float.Output(display_name="merge_at")],
+            outputs=[io.Float.Output(display_name="merge_at",
+                                     tooltip="link to merge_at of ConsistentID Conditioning (or Apply ConsistentID "
+                                             "All-in-One)")],
         )
 
     @classmethod
@@ -96,23 +104,31 @@ class ConsistentIDKSampler(io.ComfyNode):
         return io.Schema(
             node_id="ConsistentIDKSampler",
             display_name="KSampler (ConsistentID merge step)",
-            category=CATEGORY,
+            category=CATEGORY_SAMPLING,
             description="A KSampler that uses the text-only prompt up to merge_step and the facial prompt after it, "
                         "as the official pipeline does.",
             inputs=[
-                io.Model.Input("model"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=50, min=1, max=10000),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=samplers, default="euler"),
-                io.Combo.Input("scheduler", options=schedulers, default="normal"),
-                io.Conditioning.Input("positive", tooltip="from ConsistentID Conditioning"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
-                io.Int.Input("merge_step", default=30, min=0, max=10000),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Model.Input("model", tooltip="the patched model from Apply ConsistentID to Model (or All-in-One)"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="the noise seed, as in KSampler"),
+                io.Int.Input("steps", default=OFFICIAL_STEPS, min=1, max=10000,
+                             tooltip=f"sampling steps (official: {OFFICIAL_STEPS})"),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="classifier-free guidance scale (official: 5.0 for SD1.5, 7.5 for SDXL)"),
+                io.Combo.Input("sampler_name", options=samplers, default="euler",
+                               tooltip="the sampler; the switch is exact for first-order ones (euler = official)"),
+                io.Combo.Input("scheduler", options=schedulers, default="normal", tooltip="the noise schedule"),
+                io.Conditioning.Input("positive", tooltip="from ConsistentID Conditioning (its two entries are "
+                                                          "re-timed to merge_step; other entries are kept)"),
+                io.Conditioning.Input("negative", tooltip="from ConsistentID Conditioning"),
+                io.Latent.Input("latent_image", tooltip="the starting latent, e.g. Empty Latent Image"),
+                io.Int.Input("merge_step", default=OFFICIAL_MERGE_STEP, min=0, max=10000,
+                             tooltip=f"the last step with the text-only prompt, 0..steps-1 (official: "
+                                     f"{OFFICIAL_MERGE_STEP}); the facial prompt starts at the step after it"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1.0 = from pure noise; lower keeps more of latent_image"),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="the sampled latent; to VAE Decode")],
         )
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Custom ComfyUI socket types of the pack."""
+"""Custom ComfyUI socket types of the pack, and its Add Node menu categories."""
 
 from comfy_api.latest import io
 
@@ -9,4 +9,11 @@ AttributeEmbedsType = io.Custom("CONSISTENTID_ATTRIBUTES")  # consistentid_core.
 RegionStrengthsType = io.Custom("CONSISTENTID_REGION_STRENGTHS")  # consistentid_core.region_control.RegionStrengths
 FaceAnalysis = io.FaceAnalysis  # an insightface FaceAnalysis (ComfyUI's shared FACE_ANALYSIS type)
 
+# The pack's root in the Add Node menu; every node sits in one of the sub-categories below.
 CATEGORY = "ConsistentID"
+CATEGORY_LOADERS = f"{CATEGORY}/loaders"  # weights, insightface, face parser
+CATEGORY_ENCODE = f"{CATEGORY}/encode"  # photo -> embeds, and the region preview
+CATEGORY_EMBEDS = f"{CATEGORY}/embeds"  # save, load, combine embeds
+CATEGORY_APPLY = f"{CATEGORY}/apply"  # model patch and prompt conditioning
+CATEGORY_SAMPLING = f"{CATEGORY}/sampling"  # the merge step
+CATEGORY_FLEXID = f"{CATEGORY}/flexid"  # decoupled control: regions, strengths, pose, attributes

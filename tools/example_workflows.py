@@ -31,6 +31,9 @@ INSTANTID_CONTROLNET = "instantid/diffusion_pytorch_model.safetensors"
 PROMPT = "cinematic photo, A man, in a forest, adventuring, 50mm photograph, half-length portrait, film, bokeh, professional, 4k, highly detailed"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry"
 SDXL_NEGATIVE = "(worst quality, low quality, illustration, 3d, 2d, painting, cartoons, sketch), open mouth"
+# The nodes' default merge_at (consistentid_core.conditioning.DEFAULT_MERGE_AT: the official switch after step
+# 30 of 50), written out so that this file needs no torch; tests/test_node_metadata.py checks that they agree.
+MERGE_AT = 0.62
 # Every widget of ConsistentIDApplyModel, as the frontend sends them (the attr_* ones are optional).
 APPLY_DEFAULTS = dict(weight=1.0, lora_strength=1.0, start_at=0.0, end_at=1.0, attr_weight=1.0, attr_start_at=0.0,
                       attr_end_at=1.0)
@@ -82,7 +85,7 @@ def sd15_portrait() -> dict:
         "6": node("LoadImage", "Reference photo", image=PHOTO),
         **face_encoder_nodes(SD15_WEIGHTS),
         "8": node("ConsistentIDApply", "Apply ConsistentID", model=link("1"), clip=link("1", 1), consistentid=link("2"),
-                  embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, weight=1.0, merge_at=0.61),
+                  embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, weight=1.0, merge_at=MERGE_AT),
     }
     graph.update(sampling_nodes(link("8"), link("8", 1), link("8", 2), 512, 768, 50, 5.0, 2024, "ConsistentID/sd15"))
     return graph
@@ -114,7 +117,7 @@ def sdxl_portrait() -> dict:
                   embeds=link("7"), **APPLY_DEFAULTS),
         "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
                    embeds=link("7"), text="A woman wearing a santa hat", negative_text=SDXL_NEGATIVE, caption="auto",
-                   merge_at=0.61, emphasis="literal (official)", custom_caption=""),
+                   merge_at=MERGE_AT, emphasis="literal (official)", custom_caption=""),
     }
     graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 864, 1152, 50, 7.5, 222, "ConsistentID/sdxl"))
     return with_merge_step_sampler(graph)
@@ -138,7 +141,7 @@ def portrait_from_saved_embeds() -> dict:
         "7": node("ConsistentIDLoadEmbeds", "Saved embeds", embeds_file="output/consistentid/my_person_00001.safetensors",
                   consistentid=link("2")),
         "8": node("ConsistentIDApply", "Apply ConsistentID", model=link("1"), clip=link("1", 1), consistentid=link("2"),
-                  embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, weight=1.0, merge_at=0.61),
+                  embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, weight=1.0, merge_at=MERGE_AT),
     }
     graph.update(sampling_nodes(link("8"), link("8", 1), link("8", 2), 512, 768, 50, 5.0, 2024, "ConsistentID/from_embeds"))
     return graph
@@ -181,7 +184,7 @@ def flexid_sd15() -> dict:
         "6": node("LoadImage", "Photo A: identity", image=PHOTO),
         **flexid_nodes(SD15_ATTRIBUTE_WEIGHTS, "sd15 (512)"),
         "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
-                   embeds=link("34"), text=PROMPT, negative_text=NEGATIVE, caption="auto", merge_at=0.61,
+                   embeds=link("34"), text=PROMPT, negative_text=NEGATIVE, caption="auto", merge_at=MERGE_AT,
                    emphasis="literal (official)", custom_caption="", region_strengths=link("35")),
     }
     graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 512, 768, 50, 5.0, 2024, "ConsistentID/flexid_sd15"))

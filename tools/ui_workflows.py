@@ -68,7 +68,7 @@ DESCRIPTIONS = {
     "sd15_portrait": (
         "A portrait of the person in the reference photo with SD1.5 and the fewest nodes: "
         "Apply ConsistentID patches the model and writes the prompt with the official facial caption; "
-        "the facial tokens take over after 61% of sampling (merge_at), and the stock KSampler renders."
+        "the facial tokens take over after 62% of sampling (merge_at), and the stock KSampler renders."
     ),
     "sd15_stock_ksampler_merge_step": (
         "The same SD1.5 portrait built from the separate nodes: Apply ConsistentID Model patches the model, "

@@ -8,7 +8,7 @@ the identity and attribute streams dropped independently (``id_drop_rate``, ``at
 The data is the one ``prepare_data`` made: the attribute pictures (hair, glasses, hat, earrings,
 necklace, face outline) are cut from each photo with its stored label map.  The result,
 ``<output_dir>/consistentid_attributes.safetensors``, is the identity weights plus the branch: it
-loads in the nodes as before, and Apply ConsistentID Model then takes attribute embeds.
+loads in the nodes as before, and Apply ConsistentID to Model then takes attribute embeds.
 
 This version runs in one process (no DDP) and saves no resumable state (``resume_from_checkpoint``
 is refused; a snapshot can be the next run's ``init_from``); ``max_train_steps`` and
