@@ -13,7 +13,10 @@ timed forwards; the blocks of the cases alternate (``benchlib.time_blocks``).  T
 * ``full``: ConsistentIDApplyModel's output (LoRA folded, ID term in every cross-attention);
 * ``lora_only``: the LoRA weight patches alone (no attention patch): what folding costs per step;
 * ``wrapper_only``: the attention patches with weight 0: the replace-patch path without the ID term;
-* ``id_only``: the attention patches with the ID term, no LoRA.
+* ``id_only``: the attention patches with the ID term, no LoRA;
+* ``zero_fold`` (a control, not a product path): zero weight patches on the weights the LoRA
+  patches.  ComfyUI re-makes those weights, with unchanged values, in newly allocated memory, as
+  the LoRA fold does: what differs from ``unpatched`` is where the weights live, not any arithmetic.
 
 Every ComfyUI attention backend runs in its own process (``--backends``): ComfyUI picks its kernel
 once, at import.  ``sub-quadratic`` is ComfyUI's CPU default, ``pytorch`` what the runner uses on
@@ -61,7 +64,8 @@ SDXL_ADM = 2816  # pooled text (1280) + 6 size/crop numbers embedded at 256 each
 TARGET_RATIO = 1.02
 ACCEPTED_RATIO = 1.05  # what run-to-run noise on a shared machine is allowed to add
 SIGMA = 5.0  # any sigma inside the default window: the ID term is active
-COMFY_CASES = ("unpatched", "full", "lora_only", "wrapper_only", "id_only")
+COMFY_CASES = ("unpatched", "full", "lora_only", "wrapper_only", "id_only", "zero_fold")
+DEFAULT_CASES = ("unpatched", "full", "lora_only", "wrapper_only", "id_only")
 SDXL_DEFAULT_CASES = ("unpatched", "full")
 COMFY_BACKENDS = ("sub-quadratic", "pytorch", "split", "default")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,7 +78,7 @@ def parse_args(argv=None):
                         help="default: sd15 on the CPU (an SDXL step takes minutes there), sd15 and sdxl on CUDA")
     parser.add_argument("--backends", nargs="+", default=None, choices=COMFY_BACKENDS + ("diffusers",),
                         help="default: sub-quadratic pytorch diffusers on the CPU; default diffusers on CUDA")
-    parser.add_argument("--cases", nargs="+", default=list(COMFY_CASES), choices=COMFY_CASES,
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=COMFY_CASES,
                         help="ComfyUI cases for SD1.5 (unpatched is always measured)")
     parser.add_argument("--sdxl-cases", nargs="+", default=list(SDXL_DEFAULT_CASES), choices=COMFY_CASES)
     parser.add_argument("--blocks", type=int, default=2, help="blocks per case (alternated)")
@@ -94,8 +98,14 @@ def parse_args(argv=None):
     parser.add_argument("--id-term-repeats", type=int, default=7, help="runs of the ID term alone (0: skip)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: torch's choice, what a user gets)")
+    parser.add_argument("--malloc", default="default", choices=sorted(benchlib.MALLOC_SETTINGS),
+                        help="glibc malloc settings of the measuring processes (see benchlib.MALLOC_SETTINGS); "
+                             "default: as a user runs ComfyUI")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per backend process")
     parser.add_argument("--output", default="unet_step", help="file stem under benchmarks/results/")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the results already in the output file (other architectures, backends or "
+                             "malloc settings); a measurement of the same triple replaces its old one")
     # One backend and architecture in this process (what the parent starts per backend).
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -216,6 +226,13 @@ def comfy_variants(host, model, ckpt, embeds, names, fold_lora: bool) -> dict:
             variants[name] = apply.apply_model(model, ckpt, embeds, weight=0.0, lora_strength=0.0)
         elif name == "id_only":
             variants[name] = apply.apply_model(model, ckpt, embeds, lora_strength=0.0)
+        elif name == "zero_fold":
+            import comfy.utils
+
+            variants[name] = model.clone()
+            zeros = {key: (torch.zeros_like(comfy.utils.get_attr(model.model, key)),)  # ComfyUI's "diff" patch
+                     for key in patch.lora_patches(model, ckpt)}
+            variants[name].add_patches(zeros, 1.0)
     return variants
 
 
@@ -424,14 +441,17 @@ def measure(args, arch: str, backend: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="cid-unet-step-") as folder:
         output = os.path.join(folder, "result.json")
         try:
-            done = subprocess.run(child_argv(args, arch, backend, output), timeout=args.timeout)
+            done = subprocess.run(child_argv(args, arch, backend, output), timeout=args.timeout,
+                                  env=benchlib.child_environment(args.malloc))
         except subprocess.TimeoutExpired:
             return {"arch": arch, "backend": backend, "skipped": f"did not finish within {args.timeout:.0f} s"}
         if done.returncode != 0 or not os.path.isfile(output):
             # A process killed for memory ends with -9 and leaves no file: say so instead of a traceback.
             return {"arch": arch, "backend": backend, "skipped": f"the process ended with code {done.returncode}"}
         with open(output) as handle:
-            return json.load(handle)
+            result = json.load(handle)
+    result["malloc"] = args.malloc
+    return result
 
 
 # --- summary ------------------------------------------------------------------------------------------
@@ -454,6 +474,8 @@ def summarize(result: dict) -> dict:
         out["alternating_ratio"] = benchlib.ratio(alternating, "full", "unpatched")
     first = {name: v["first_after_load_s"] for name, v in result["steady"].items() if v.get("first_after_load_s")}
     out["first_after_load_s"] = {name: sorted(v)[len(v) // 2] for name, v in first.items()}
+    faults = {name: v["page_faults"] for name, v in result["steady"].items() if v.get("page_faults")}
+    out["page_faults_per_step"] = {name: sorted(v)[len(v) // 2] for name, v in faults.items()}
     return out
 
 
@@ -462,7 +484,8 @@ def steady_table(results: list[dict], machine: str) -> Table:
         f"Steady-state UNet step, batch 2 (cond + uncond), random weights; medians of blocks x steps "
         f"per case, blocks alternated; {machine}",
         ["model", "backend", "unpatched (ms)", "full patch (ms)", f"ratio (target <= {TARGET_RATIO})",
-         "by CPU time", "LoRA only", "wrapper only", "ID tokens only", "samples per case"])
+         "by CPU time", "LoRA only", "wrapper only", "ID tokens only", "zero fold (control)",
+         "page faults per step (unpatched / full)", "malloc", "samples per case"])
     for r in results:
         label = f"{r['arch'].upper()} {r.get('latent', '?')}x{r.get('latent', '?')}"
         if "skipped" in r:
@@ -481,8 +504,11 @@ def steady_table(results: list[dict], machine: str) -> Table:
         if r["backend"] != "diffusers":
             full += f" ({s['verdict']})"
         cpu = f"{s['cpu_ratio']['full']:.3f}" if s["cpu_ratio"].get("full") else "-"
+        faults = s.get("page_faults_per_step", {})
+        fault_cell = f"{faults.get('unpatched', '-')} / {faults.get('full', '-')}" if faults else "-"
         table.add(label, backend, ms(s["median_s"]["unpatched"]), ms(s["median_s"]["full"]), full, cpu,
-                  cell("lora_only"), cell("wrapper_only"), cell("id_only"), f"{r['blocks']} x {r['steps']}")
+                  cell("lora_only"), cell("wrapper_only"), cell("id_only"), cell("zero_fold"), fault_cell,
+                  r.get("malloc", "default"), f"{r['blocks']} x {r['steps']}")
     return table
 
 
@@ -521,7 +547,7 @@ def plot(results: list[dict], machine: str, path: str) -> None:
     if not results:
         return
     colours = {"unpatched": "#9aa5b1", "full": "#2f7ed8", "lora_only": "#c9b27c", "wrapper_only": "#5cb85c",
-               "id_only": "#8e6bbf"}
+               "id_only": "#8e6bbf", "zero_fold": "#e39c4f"}
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.4), squeeze=False, sharey=False)
     for ax, r in zip(axes[0], results):
         names = [n for n in COMFY_CASES if n in r["steady"]]
@@ -531,11 +557,24 @@ def plot(results: list[dict], machine: str, path: str) -> None:
         bars = ax.bar(names, medians, yerr=[lows, highs], color=[colours[n] for n in names], capsize=3)
         ax.bar_label(bars, labels=[f"{m:.0f}" for m in medians], padding=2, fontsize=7)
         backend = "diffusers (official processors)" if r["backend"] == "diffusers" else r["comfy_attention"]
-        ax.set_title(f"{r['arch'].upper()} {r['latent']}x{r['latent']} {r['dtype']}\n{backend}\n"
+        ax.set_title(f"{r['arch'].upper()} {r['latent']}x{r['latent']} {r['dtype']}\n{backend}, "
+                     f"malloc {r.get('malloc', 'default')}\n"
                      f"full / unpatched {r['summary']['ratio']['full']:.3f}", fontsize=8)
         ax.set_ylabel("ms per UNet step (median, min-max)")
         ax.tick_params(axis="x", labelsize=7, rotation=30)
     benchlib.save_figure(fig, path, f"Steady-state UNet step: {machine}", fontsize=8)
+
+
+def result_key(result: dict) -> tuple:
+    return result["arch"], result["backend"], result.get("malloc", "default")
+
+
+def previous_results(stem: str) -> list[dict]:
+    path = benchlib.results_path(f"{stem}.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        return json.load(handle).get("results", [])
 
 
 def main(argv=None) -> int:
@@ -552,12 +591,12 @@ def main(argv=None) -> int:
             benchlib.log_progress(f"note: {arch} gets {blocks * steps} steady-state samples per case; "
                                   "the reported medians want at least 5")
     started = benchlib.load_average()
-    results = []
+    results = previous_results(args.output) if args.append else []
     for arch in archs:
         for backend in backends:
             result = measure(args, arch, backend)
             result["summary"] = summarize(result)
-            results.append(result)
+            results = [r for r in results if result_key(r) != result_key(result)] + [result]
             # Written after every process, so that a run killed later still leaves these numbers.
             benchlib.write_json(f"{args.output}.json", {
                 "machine": next((r["machine"] for r in results if "machine" in r), benchlib.machine_description(device)),

@@ -49,6 +49,7 @@ def test_time_blocks_loads_once_per_block_then_runs_consecutive_steps():
         assert len(timing.samples) == 6 and len(timing.cpu_samples) == 6
         assert len(timing.first_after_load) == 2  # one warm-up per block, kept apart from the samples
         assert timing.block_of_sample == [0, 0, 0, 1, 1, 1]
+        assert len(timing.page_faults) == (6 if benchlib.page_faults() is not None else 0)
         assert set(timing.as_dict()) >= {"median_s", "cpu_median_s", "first_after_load_s", "block_of_sample"}
 
 
@@ -125,3 +126,80 @@ def test_step_inputs_put_the_cond_row_first_and_match_the_latent():
     assert inputs.text_and_id.shape == (2, 81, 768)
     assert torch.equal(inputs.text_and_id[:, 77:], id_tokens)
     assert inputs.time_ids[0].tolist() == [128.0, 128.0, 0.0, 0.0, 128.0, 128.0]
+
+
+def test_node_clock_charges_each_node_until_the_next_event():
+    import end_to_end
+
+    ticks = iter([10.0, 10.5, 13.0, 13.25, 20.0])
+    clock = end_to_end.NodeClock(clock=lambda: next(ticks))
+    clock("executing", {"node": "7"})      # 10.0
+    clock("progress", {"value": 1})        # ignored, reads no time
+    clock("executing", {"node": "10"})     # 10.5: node 7 took 0.5 s
+    clock("executing", {"node": "7"})      # 13.0: node 10 took 2.5 s
+    clock("executing", {"node": "11"})     # 13.25: node 7 again, 0.25 s more
+    clock("executing", {"node": None})     # 20.0: the prompt ended, node 11 took 6.75 s
+    assert clock.seconds == pytest.approx({"7": 0.75, "10": 2.5, "11": 6.75}, rel=1e-12)
+    clock.reset()
+    assert clock.seconds == {} and clock.current is None
+
+
+def test_steady_malloc_keeps_freed_memory_and_default_changes_nothing():
+    default = benchlib.child_environment("default")
+    steady = benchlib.child_environment("steady")
+    assert {k: v for k, v in default.items() if k.startswith("MALLOC_")} == \
+        {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    assert steady["MALLOC_MMAP_MAX_"] == "0" and int(steady["MALLOC_TRIM_THRESHOLD_"]) >= 2**32
+    with pytest.raises(KeyError):
+        benchlib.child_environment("fast")
+
+
+def test_gpu_check_without_a_gpu_names_the_missing_cuda_and_the_dry_run(tmp_path):
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+    # COMFYUI_PATH only has to exist for the script to get as far as the CUDA check
+    env = dict(os.environ, PYTHON=sys.executable, COMFYUI_PATH=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "no CUDA GPU here" in done.stderr and "--dry-run" in done.stderr
+    assert done.stdout == ""  # nothing measured, no table
+
+
+def test_gpu_check_refuses_full_size_steps_on_the_cpu():
+    import gpu_check
+
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--device", "cpu"])
+    args = gpu_check.parse_args(["--device", "cpu", "--tiny"])
+    assert (args.blocks, args.steps, args.encode_repeats) == (1, 2, 1)
+    gpu_check.require_cuda("cpu")  # the dry run never asks for CUDA
+    if not torch.cuda.is_available():
+        with pytest.raises(gpu_check.NoCudaError, match="--dry-run"):
+            gpu_check.require_cuda("cuda")
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_its_table_on_the_cpu(tmp_path):
+    import json
+    import subprocess
+
+    from comfy_harness import comfyui_path_or_skip
+
+    comfyui = comfyui_path_or_skip()
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+    env = dict(os.environ, PYTHON=sys.executable, COMFYUI_PATH=comfyui)
+    done = subprocess.run(["bash", script, "--dry-run", "--arch", "sd15", "--skip-encode"], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DRY RUN" in done.stderr and "DRY RUN" in done.stdout  # never mistaken for GPU numbers
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| SD15 step"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "SD15 step, 64 px, batch 2, float32"
+    assert float(cells[3]) > 0  # the ratio of two measured medians
+    path = done.stdout.strip().splitlines()[-1].removeprefix("raw numbers: ")
+    with open(path) as handle:
+        data = json.load(handle)
+    assert data["tiny"] is True and [s["arch"] for s in data["steps"]] == ["sd15"]
+    assert set(data["steps"][0]["steady"]) == {"unpatched", "full"}
