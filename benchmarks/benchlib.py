@@ -603,6 +603,15 @@ def results_path(name: str) -> str:
     return os.path.join(RESULTS_DIR, name)
 
 
+def previous_results(stem: str) -> list[dict]:
+    """The ``results`` list of ``results/<stem>.json`` (what ``--append`` keeps), [] when there is none."""
+    path = results_path(f"{stem}.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        return json.load(handle).get("results", [])
+
+
 def write_json(name: str, data: dict) -> str:
     path = results_path(name)
     with open(path, "w") as handle:

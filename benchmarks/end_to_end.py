@@ -172,20 +172,12 @@ def report(results: list[dict], args) -> Table:
     return table
 
 
-def previous_results(stem: str) -> list[dict]:
-    path = benchlib.results_path(f"{stem}.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as handle:
-        return json.load(handle).get("results", [])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_child(args)
     started = benchlib.load_average()
-    results = previous_results(args.output) if args.append else []
+    results = benchlib.previous_results(args.output) if args.append else []
     for backend in args.backends:
         result = measure(args, backend)
         key = (result["backend"], result["malloc"])

@@ -569,14 +569,6 @@ def result_key(result: dict) -> tuple:
     return result["arch"], result["backend"], result.get("malloc", "default")
 
 
-def previous_results(stem: str) -> list[dict]:
-    path = benchlib.results_path(f"{stem}.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as handle:
-        return json.load(handle).get("results", [])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -591,7 +583,7 @@ def main(argv=None) -> int:
             benchlib.log_progress(f"note: {arch} gets {blocks * steps} steady-state samples per case; "
                                   "the reported medians want at least 5")
     started = benchlib.load_average()
-    results = previous_results(args.output) if args.append else []
+    results = benchlib.previous_results(args.output) if args.append else []
     for arch in archs:
         for backend in backends:
             result = measure(args, arch, backend)

@@ -1,12 +1,7 @@
 """Runs this node pack inside a real ComfyUI, in the test process.
 
 Point ``COMFYUI_PATH`` at a ComfyUI checkout (v0.3.64 is the tested version); without it every
-test that asks for a session is skipped.  Typical use in a test module::
-
-    @pytest.fixture(scope="session")
-    def comfy(tmp_path_factory):
-        comfyui_path_or_skip()
-        return comfy_session(tmp_path_factory.mktemp("comfyui"))
+test that asks for a session is skipped.  Tests take the ``comfy`` fixture of tests/conftest.py.
 
 ComfyUI keeps its state in module globals (node registry, folder paths, device choice) that can
 be set up once per process only, so ``comfy_session()`` builds one ``ComfySession`` and hands the

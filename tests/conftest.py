@@ -42,3 +42,14 @@ def pytest_collection_modifyitems(session, config, items):
     first = [item for item in items if os.path.basename(str(item.fspath)) in RUN_FIRST]
     if first:
         items[:] = first + [item for item in items if item not in first]
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """The pack loaded into a real ComfyUI in this process (tests/comfy_harness.py); skipped without
+    COMFYUI_PATH, a failure instead when CI set CID_REQUIRE_COMFYUI.  One per process: ComfyUI keeps
+    its state in module globals."""
+    from comfy_harness import comfy_session, comfyui_path_or_skip
+
+    comfyui_path_or_skip()
+    return comfy_session(tmp_path_factory.mktemp("comfyui"))

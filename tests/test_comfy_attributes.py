@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 
-from comfy_harness import comfy_session, comfyui_path_or_skip
 from comfy_sd15 import comfy_model_from_diffusers, diffusers_sd15_unet, random_embeds, unet_forward
 from spec_keys import random_official_state
 from numeric import SAME_MATH_FP32, assert_close, assert_differs
@@ -24,12 +23,6 @@ def _randomised(branch, seed):
         for p in branch.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return branch
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    comfyui_path_or_skip()
-    return comfy_session(tmp_path_factory.mktemp("comfyui"))
 
 
 @pytest.fixture(scope="module")

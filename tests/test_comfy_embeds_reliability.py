@@ -12,19 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_harness import comfy_session, comfyui_path_or_skip
 from consistentid_core.embeds import FaceEmbeds as CoreFaceEmbeds
 from consistentid_core.embeds import save_embeds as core_save_embeds
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 FOLDER = "cid_reliability"  # this module's own folder under output/ and input/ (the session is shared)
-
-
-@pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
-    comfyui_path_or_skip()
-    return comfy_session(tmp_path_factory.mktemp("comfyui"))
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tools import random_models as comfy_models
-from comfy_harness import REPO_ROOT, comfy_session, comfyui_path_or_skip
+from comfy_harness import REPO_ROOT, comfy_session
 from consistentid_core.embeds import FaceEmbeds as CoreFaceEmbeds
 from consistentid_core.embeds import load_embeds as core_load_embeds
 from consistentid_core.embeds import save_embeds as core_save_embeds
@@ -83,12 +83,6 @@ def no_region_parser() -> FixedParser:
 
 
 # --- session fixtures ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
-    comfyui_path_or_skip()
-    return comfy_session(tmp_path_factory.mktemp("comfyui"))
-
 
 @pytest.fixture(scope="session")
 def models(comfy):

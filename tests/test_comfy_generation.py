@@ -10,19 +10,12 @@ import logging
 import pytest
 import torch
 
-from comfy_harness import comfy_session, comfyui_path_or_skip
 from comfy_sd15 import (
     comfy_model_from_diffusers, comfy_sd15_clip, consistentid_sd15, diffusers_sd15_unet, random_embeds, unet_forward,
 )
 from numeric import SAME_MATH_FP32, assert_close, assert_differs
 
 pytestmark = pytest.mark.comfyui
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    comfyui_path_or_skip()
-    return comfy_session(tmp_path_factory.mktemp("comfyui"))
 
 
 @pytest.fixture(scope="module")

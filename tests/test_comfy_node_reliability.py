@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_harness import comfy_session, comfyui_path_or_skip
 from comfy_sd15 import comfy_model_from_diffusers, comfy_sd15_clip, consistentid_sd15, diffusers_sd15_unet, random_embeds, unet_forward
 from face_standins import FixedParser, PatchEncoder, face_label_map
 from numeric import SAME_MATH_FP32, assert_close
@@ -27,12 +26,6 @@ from tools.insightface_standins import make_buffalo_l, red_square_image
 pytestmark = [pytest.mark.comfyui, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 NAN = float("nan")
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    comfyui_path_or_skip()
-    return comfy_session(tmp_path_factory.mktemp("comfyui"))
 
 
 @pytest.fixture(scope="module")

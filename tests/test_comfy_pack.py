@@ -8,13 +8,7 @@ import os
 import pytest
 import safetensors.torch
 
-from comfy_harness import comfy_session, comfyui_path_or_skip
-
-
-@pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
-    comfyui_path_or_skip()
-    return comfy_session(tmp_path_factory.mktemp("comfyui"))
+from comfy_harness import comfy_session
 
 
 def smoke_prompt(filename_prefix: str) -> dict:

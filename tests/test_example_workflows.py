@@ -16,7 +16,6 @@ import sys
 
 import pytest
 
-from comfy_harness import comfy_session, comfyui_path_or_skip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_DIR = os.path.join(REPO, "example_workflows")
@@ -222,12 +221,6 @@ def test_every_example_has_a_description():
 
 
 # --- inside ComfyUI -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    comfyui_path_or_skip()
-    return comfy_session(tmp_path_factory.mktemp("comfyui"))
-
 
 @pytest.fixture(scope="module")
 def definitions(comfy):

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from comfy_harness import REPO_ROOT, comfy_session, comfyui_path_or_skip
+from comfy_harness import REPO_ROOT
 
 try:
     import tomllib
@@ -160,12 +160,6 @@ def test_example_workflows_use_the_default_merge_at():
 
 
 # --- inside ComfyUI -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
-    comfyui_path_or_skip()
-    return comfy_session(tmp_path_factory.mktemp("comfyui"))
-
 
 @pytest.fixture(scope="module")
 def node_infos(comfy):

@@ -20,12 +20,19 @@ def _workflow(name):
     ("auto", True, True, "sd15_portrait", None),         # SD1.5 fits in fp32: ComfyUI's own choice
     ("auto", False, True, "sdxl_portrait", None),        # real weights: the user's ComfyUI defaults
     ("auto", True, False, "sdxl_portrait", None),        # a GPU picks its own half precision
-    ("fp32", True, True, "sdxl_portrait", None),
+    ("fp32", True, True, "sdxl_portrait", "fp32"),        # asked for: forced, also on a GPU
     ("bf16", False, False, "sd15_portrait", "bf16"),
     ("fp16", False, True, "sd15_portrait", "fp16"),
 ])
 def test_unet_dtype_choice(requested, smoke, cpu, workflow, expected):
     assert run_workflow.choose_unet_dtype(requested, smoke, cpu, _workflow(workflow)) == expected
+
+
+def test_every_unet_dtype_choice_is_a_comfyui_switch():
+    from tools import comfy_host
+
+    assert set(comfy_host.UNET_DTYPE_FLAGS) == {"fp32", "bf16", "fp16"}
+    assert set(comfy_host.UNET_DTYPE_FLAGS.values()) == {"fp32_unet", "bf16_unet", "fp16_unet"}
 
 
 def test_unet_dtype_option_refuses_unknown_values(capsys):
