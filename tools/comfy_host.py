@@ -19,8 +19,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("consistentid.host")
 
 EventFn = Callable[[str, dict], None]
-# ComfyUI's command-line switches for the UNet's weight dtype (--bf16-unet, --fp16-unet).
-UNET_DTYPE_FLAGS = {"bf16": "bf16_unet", "fp16": "fp16_unet"}
+# ComfyUI's command-line switches for the UNet's weight dtype (--fp32-unet, --bf16-unet, --fp16-unet).
+UNET_DTYPE_FLAGS = {"fp32": "fp32_unet", "bf16": "bf16_unet", "fp16": "fp16_unet"}
 # ComfyUI's command-line switches for its attention backends (comfy.cli_args).
 ATTENTION_FLAGS = {
     "pytorch": "use_pytorch_cross_attention",

@@ -46,8 +46,8 @@ def parse_args(argv=None):
                              "CPU default, sub-quadratic), ComfyUI's own choice on a GPU")
     parser.add_argument("--unet-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="weights of the base model's UNet; auto: bf16 for an SDXL smoke run on the CPU (its "
-                             "fp32 UNet alone is 10 GB), ComfyUI's own choice otherwise (fp32 on the CPU); bf16 "
-                             "halves the memory of a CPU run")
+                             "fp32 UNet alone is 10 GB), ComfyUI's own choice otherwise (fp32 on the CPU, fp16 on "
+                             "most GPUs); bf16 halves the memory of a CPU run")
     args = parser.parse_args(argv)
     if not args.comfyui:
         parser.error("tell where ComfyUI is: --comfyui PATH or COMFYUI_PATH=PATH")
@@ -65,8 +65,6 @@ def has_accelerator() -> bool:
 
 def choose_unet_dtype(requested: str, smoke: bool, cpu: bool, prompt: dict) -> str | None:
     """ComfyHost's ``unet_dtype`` for ``--unet-dtype``: None leaves ComfyUI's own choice."""
-    if requested == "fp32":
-        return None
     if requested != "auto":
         return requested
     if smoke and cpu:
