@@ -1,5 +1,8 @@
 """Screenshots of the example workflows as ComfyUI's frontend draws them: docs/screenshots/<name>.png.
 
+With ``--help-page [NODE_ID]`` (and with no arguments at all) it also opens one node's help page from
+the node library (default ConsistentIDEncodeFace) and writes docs/screenshots/help_page.png.
+
 Starts ComfyUI (``COMFYUI_PATH``) as a server on a free local port with all its folders in a
 temporary base directory, whose ``custom_nodes`` holds a symlink to this repository; opens the
 frontend in headless Chromium (Debian's ``chromium`` driven by playwright: no browser download);
@@ -7,7 +10,11 @@ loads each ``example_workflows/*.json``, fits it into the window and saves a PNG
 reach only the local server, and the temporary directory (symlink included) is removed at the end.
 
     apt-get install chromium && pip install playwright
-    COMFYUI_PATH=/path/to/ComfyUI python tools/screenshot_workflows.py [name ...]
+    COMFYUI_PATH=/path/to/ComfyUI python tools/screenshot_workflows.py [name ...] [--help-page [NODE_ID]]
+
+For the help page it checks that the server answers the URL the frontend fetches
+(``/extensions/<pack folder>/docs/<node id>.md``) with ``web/docs/<node id>.md``, and that the panel
+opened from the node library's help button shows that page's text, not the frontend's fallback.
 
 For each workflow it prints the node types the frontend did not know, nodes drawn with errors,
 dialogs it closed, nodes that overlap once the frontend has sized them, and every difference
@@ -23,6 +30,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +54,11 @@ VIEWPORT = {"width": 1600, "height": 900}
 DEVICE_SCALE = 2  # a 16-node graph fits 1600x900 at about 45% zoom: twice the pixels keep its text legible
 SERVER_START_TIMEOUT = 600  # seconds; importing torch and every built-in node is slow on 2 cores
 PACK_LINK_NAME = "ConsistentID"
+DOCS_DIR = os.path.join(REPO, "web", "docs")
+HELP_NODE = "ConsistentIDEncodeFace"
+HELP_PNG = "help_page.png"
+HELP_WORKFLOW = os.path.join(UI_DIR, "sd15_portrait.json")  # drawn behind the panel, when it has the node
+HELP_PANEL_WIDTH = 620  # pixels: the sidebar is dragged this wide, so that the page's tables are readable
 
 # Frontend settings for a clean picture: no first-run tutorial, no minimap or render statistics over
 # the graph, no tab bar (the menu bar still names the workflow), and text drawn at every zoom (by
@@ -109,6 +123,22 @@ CHROME_INSETS_JS = """
     .filter((r) => r.height > window.innerHeight / 2 && r.left < 5 && r.width < window.innerWidth / 3).map((r) => r.right));
   return { top: bottomOf('.comfyui-menu, .actionbar, nav, header, .comfyui-body-top *'),
            left: rightOf('.side-tool-bar-container, .comfyui-body-left *') };
+}
+"""
+
+# Runs in the page: centre the first node of a type in the visible canvas (right of ``left``, below ``top``).
+CENTER_NODE_JS = """
+([type, { top, left }, scale]) => {
+  const canvas = window.app.canvas;
+  const node = window.app.graph.nodes.find((n) => n.type === type);
+  if (!node) return false;
+  const [x, y, w, h] = node.boundingRect;
+  const width = canvas.canvas.width / window.devicePixelRatio - left;
+  const height = canvas.canvas.height / window.devicePixelRatio - top;
+  canvas.ds.scale = scale;
+  canvas.ds.offset = [left / scale + (width / scale - w) / 2 - x, top / scale + (height / scale - h) / 2 - y];
+  canvas.setDirty(true, true);
+  return true;
 }
 """
 
@@ -260,6 +290,111 @@ def frontend_disagreements(name: str, workflow: dict, saved: dict, prompt: dict)
     return problems
 
 
+def help_page_path(object_info: dict, node_id: str) -> str:
+    """The URL path the frontend fetches for a custom node's help (NodeHelpService.fetchCustomNodeHelp):
+    the pack is the second part of the node's python_module, cut at "@"."""
+    pack = object_info[node_id]["python_module"].split(".")[1].split("@")[0]
+    return f"/extensions/{urllib.parse.quote(pack)}/docs/{node_id}.md"
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode("utf-8")
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def check_help_over_http(url: str, object_info: dict, node_id: str) -> list[str]:
+    """The server answers the frontend's URL with the page, and no locale variant shadows it."""
+    path = help_page_path(object_info, node_id)
+    with open(os.path.join(DOCS_DIR, f"{node_id}.md"), encoding="utf-8") as f:
+        expected = f.read()
+    status, body = http_get(url + path)
+    problems = [] if status == 200 and body == expected else [f"GET {path}: {status}, not web/docs/{node_id}.md"]
+    # The frontend asks for <node id>/<locale>.md first; only a 404 there lets it fall back to <node id>.md.
+    locale_path = path[: -len(".md")] + "/en.md"
+    status, _ = http_get(url + locale_path)
+    if status != 404:
+        problems.append(f"GET {locale_path}: {status}; the frontend would show that instead of {path}")
+    print(f"GET {path}: ok" if not problems else "".join(f"  problem: {p}\n" for p in problems).rstrip())
+    return problems
+
+
+def page_text(markdown: str) -> list[str]:
+    """Plain-text pieces of a page that its rendered HTML must contain: its paragraphs' first sentences,
+    its headings and the input and output names."""
+    pieces = re.findall(r"^## (.+)$", markdown, flags=re.M)
+    pieces += re.findall(r"^\| `([^`]+)` \|", markdown, flags=re.M)
+    for paragraph in re.split(r"\n\s*\n", markdown):
+        if paragraph and not paragraph.startswith(("#", "|")):
+            plain = re.sub(r"[`*]", "", " ".join(paragraph.split()))
+            pieces.append(plain.split(". ")[0])
+    return pieces
+
+
+def shoot_help_page(browser, url: str, object_info: dict, node_id: str) -> list[str]:
+    """Opens the node library, then the help of ``node_id`` through its help button; writes HELP_PNG."""
+    info = object_info[node_id]
+    with open(os.path.join(DOCS_DIR, f"{node_id}.md"), encoding="utf-8") as f:
+        expected = page_text(f.read())
+    context, page = open_frontend(browser, url)
+    problems = []
+    try:
+        if os.path.isfile(HELP_WORKFLOW) and node_id in {n["type"] for n in read_json(HELP_WORKFLOW)["nodes"]}:
+            name = os.path.splitext(os.path.basename(HELP_WORKFLOW))[0]
+            page.evaluate(LOAD_WORKFLOW_JS, [read_json(HELP_WORKFLOW), name])
+            close_dialogs(page)
+        page.locator(".node-library-tab-button").click()
+        tree = page.locator(".node-lib-tree-explorer")
+        tree.wait_for(timeout=30_000)
+        # Down the category path (ConsistentID/encode), as a user would, to the node's entry.
+        for folder in info["category"].split("/"):
+            tree.locator(".p-tree-node-content").filter(has_text=re.compile(rf"^\s*{re.escape(folder)}\s*\d*\s*$")) \
+                .first.click()
+            page.wait_for_timeout(300)
+        entry = tree.locator(".p-tree-node-content").filter(has_text=info["display_name"]).first
+        entry.hover()
+        entry.locator(".help-button").click()
+        content = page.locator(".node-help-content")
+        content.locator(".markdown-content, .fallback-content").first.wait_for(timeout=30_000)
+        if content.locator(".fallback-content").count():
+            problems.append(f"the help panel of {node_id} shows the frontend's fallback, not web/docs/{node_id}.md")
+        shown = " ".join(content.inner_text().split())
+        problems += [f"the help panel lacks {piece!r}" for piece in expected if " ".join(piece.split()) not in shown]
+        panel_right = widen_sidebar(page)
+        insets = page.evaluate(CHROME_INSETS_JS)
+        page.evaluate(CENTER_NODE_JS, [node_id, {"top": insets["top"], "left": max(insets["left"], panel_right)}, 1.0])
+        # Park the pointer on the empty middle of the menu bar, where it highlights nothing.
+        page.mouse.move((panel_right + VIEWPORT["width"]) / 2, 10)
+        page.wait_for_timeout(800)
+        os.makedirs(OUT_DIR, exist_ok=True)
+        out = os.path.join(OUT_DIR, HELP_PNG)
+        page.screenshot(path=out)
+    finally:
+        context.close()
+    print(f"{os.path.relpath(out, REPO)}: help of {node_id} ({len(expected)} pieces of its text checked)"
+          + "".join(f"\n  problem: {p}" for p in problems))
+    return problems
+
+
+def widen_sidebar(page) -> float:
+    """Drags the gutter between the sidebar and the canvas to HELP_PANEL_WIDTH; returns where the
+    sidebar now ends (0 when there is no gutter)."""
+    gutter = page.locator(".p-splitter-gutter").first
+    box = gutter.bounding_box()
+    if box is None:
+        return 0.0
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] / 2, y)
+    page.mouse.down()
+    page.mouse.move(HELP_PANEL_WIDTH, y, steps=10)
+    page.mouse.up()
+    page.wait_for_timeout(300)
+    box = gutter.bounding_box()
+    return box["x"] + box["width"] if box else 0.0
+
+
 def close_dialogs(page) -> list[str]:
     titles = page.evaluate(OPEN_DIALOGS_JS)
     for _ in titles:
@@ -271,7 +406,11 @@ def close_dialogs(page) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="workflows to photograph (default: all in example_workflows/)")
+    parser.add_argument("--help-page", nargs="?", const=HELP_NODE, metavar="NODE_ID",
+                        help=f"also open this node's help page (default {HELP_NODE}) and write {HELP_PNG}; "
+                             "alone, only that")
     args = parser.parse_args()
+    help_node = args.help_page or (HELP_NODE if not args.names else None)
     comfyui = os.environ.get("COMFYUI_PATH", "").strip()
     if not comfyui or not os.path.isfile(os.path.join(comfyui, "main.py")):
         print("set COMFYUI_PATH to a ComfyUI checkout", file=sys.stderr)
@@ -279,7 +418,9 @@ def main() -> int:
     paths = sorted(glob.glob(os.path.join(UI_DIR, "*.json")))
     if args.names:
         paths = [p for p in paths if os.path.splitext(os.path.basename(p))[0] in args.names]
-    if not paths:
+    elif args.help_page:
+        paths = []
+    if not paths and not help_node:
         print("no workflows to photograph", file=sys.stderr)
         return 2
 
@@ -295,6 +436,7 @@ def main() -> int:
         server = start_server(os.path.abspath(comfyui), base, port, log_path)
         object_info = wait_for_server(server, url, log_path)
         needed = {n["type"] for p in paths for n in read_json(p)["nodes"]} - {"Note", "MarkdownNote"}
+        needed |= {help_node} if help_node else set()
         unregistered = sorted(needed - set(object_info))
         if unregistered:
             print(f"the server does not know {unregistered}; its log:\n{tail(log_path)}", file=sys.stderr)
@@ -302,6 +444,9 @@ def main() -> int:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 problems = [p for path in paths for p in shoot(browser, url, path)]
+                if help_node and help_node in object_info:
+                    problems += check_help_over_http(url, object_info, help_node)
+                    problems += shoot_help_page(browser, url, object_info, help_node)
             finally:
                 browser.close()
         return 0 if not problems and not unregistered else 1
