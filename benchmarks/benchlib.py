@@ -457,8 +457,8 @@ def start_comfyui(device: torch.device, base_directory: str | None = None, atten
     """
     # Imported before ComfyHost takes the repository root off sys.path (it protects ComfyUI's
     # own ``nodes``); the builders import consistentid_core and the stand-ins lazily.
-    import consistentid_core.attention  # noqa: F401
-    import consistentid_core.models  # noqa: F401
+    import training.attention_processors  # noqa: F401
+    import consistentid_core.model.networks  # noqa: F401
     import tools.insightface_standins  # noqa: F401
     import tools.random_models  # noqa: F401
     from tools.comfy_host import ComfyHost
@@ -515,9 +515,9 @@ def adapter_checkpoint(host, arch: str, seed: int = 3, dtype: torch.dtype = torc
     layers) and the ID projection are what the UNet patch uses; the FacialEncoder only feeds the
     text conditioning.  LoRA ups are small but non-zero, as after training.
     """
-    attention = host.pack_submodule("consistentid_core.attention")
-    models = host.pack_submodule("consistentid_core.models")
-    checkpoint = host.pack_submodule("consistentid_core.checkpoint")
+    attention = host.pack_submodule("training.attention_processors")
+    models = host.pack_submodule("consistentid_core.model.networks")
+    checkpoint = host.pack_submodule("consistentid_core.model.checkpoint")
     torch.manual_seed(seed)
     modules = torch.nn.ModuleList(attention.build_processors(arch).values())
     adapter: dict[int, dict[str, torch.Tensor]] = {}

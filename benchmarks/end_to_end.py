@@ -32,7 +32,7 @@ BACKENDS = ("sub-quadratic", "pytorch", "split", "default")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workflow", default="sd15_portrait", help="name in tests/workflows (SD1.5 workflows)")
+    parser.add_argument("--workflow", default="sd15_portrait", help="name in example_workflows/api (SD1.5 workflows)")
     parser.add_argument("--backends", nargs="+", default=["sub-quadratic", "pytorch"], choices=BACKENDS)
     parser.add_argument("--size", type=int, default=512, help="width and height in px")
     parser.add_argument("--steps", type=int, default=30)

@@ -143,8 +143,8 @@ def check_encode(host, args, device: torch.device) -> dict:
     benchlib.log_progress("encode: placing and loading the random-weight ViT-H, BiSeNet, insightface stand-ins")
     preprocessing.place_models(host)
     clip_vision, analysis, parser = preprocessing.load_models(host)
-    pipeline = host.pack_submodule("consistentid_core.face_pipeline")
-    vision = host.pack_submodule("nodes.encode").comfy_vision_encoder(clip_vision)
+    pipeline = host.pack_submodule("consistentid_core.face.pipeline")
+    vision = host.pack_submodule("nodes.glue.vision").comfy_vision_encoder(clip_vision)
     parser = preprocessing.FaceLayoutParser(parser)  # every photo gets the 5 regions of a face
     photo = preprocessing.photo(0)
     encode = Case("encode one photo", lambda: pipeline.encode_references([photo], analysis, parser, vision, "sd15"))

@@ -128,7 +128,7 @@ def timed(fn, repeats) -> benchlib.Timing:
 
 def patch_costs(host, model, ckpt, embeds, repeats) -> dict:
     """Per apply, per clone (created and dropped) and per model load's patch move, in seconds."""
-    apply = host.pack_submodule("nodes.apply")
+    apply = host.pack_submodule("nodes.glue.model_patch")
     weights = iter([0.5 + 0.01 * i for i in range(10 * repeats + 10)])
     patched = apply.apply_model(model, ckpt, embeds)
 
@@ -152,7 +152,7 @@ def host_work_per_step(host, patched):
     """One step's worth of the ID term without its attention kernel: every cross-attention layer's
     row selection, key/value lookup, window check and scaling, on a tiny query.  This is the part
     of the patch that is Python and bookkeeping rather than arithmetic."""
-    idattn = host.pack_submodule("consistentid_core.id_attention")
+    idattn = host.pack_submodule("consistentid_core.model.id_attention")
     patches = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     device, dtype = patched.load_device, patched.model_dtype()
     queries = {key: torch.zeros(2, 16, p.projections.cond_k[key].shape[-1], device=device, dtype=dtype)
@@ -173,8 +173,8 @@ def sd15(host, device, args) -> dict:
     import comfy.model_management
     from tools import random_models
 
-    apply = host.pack_submodule("nodes.apply")
-    checkpoint = host.pack_submodule("consistentid_core.checkpoint")
+    apply = host.pack_submodule("nodes.glue.model_patch")
+    checkpoint = host.pack_submodule("consistentid_core.model.checkpoint")
     path = random_models.consistentid_checkpoint(
         os.path.join(host.folder_paths.models_dir, "consistentid", "ConsistentID-v1.bin"))
 

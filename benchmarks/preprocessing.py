@@ -109,9 +109,9 @@ def load_models(host):
 
     models = host.folder_paths.models_dir
     clip_vision = comfy.clip_vision.load(os.path.join(models, "clip_vision", VIT_H_FILE))
-    analysis = host.pack_submodule("consistentid_core.face_analysis").get_face_analysis(
+    analysis = host.pack_submodule("consistentid_core.face.analysis").get_face_analysis(
         os.path.join(models, "insightface", "models", "buffalo_l"), "CPU")
-    parser = host.pack_submodule("consistentid_core.face_parser").get_face_parser(
+    parser = host.pack_submodule("consistentid_core.face.parser").get_face_parser(
         os.path.join(models, "consistentid", PARSER_FILE), comfy.model_management.get_torch_device())
     return clip_vision, analysis, parser
 
@@ -122,18 +122,19 @@ def stage_cases(host, clip_vision, analysis, parser, device) -> list[Case]:
     from PIL import Image
 
     core = lambda name: host.pack_submodule(f"consistentid_core.{name}")  # noqa: E731
-    face_analysis, parsing, clip, pipeline = core("face_analysis"), core("parsing"), core("clip_features"), core("face_pipeline")
-    encode_node = host.pack_submodule("nodes.encode")
-    vision = encode_node.comfy_vision_encoder(clip_vision)
+    face_analysis, parsing, clip, pipeline = core("face.analysis"), core("face.parsing"), core("face.clip_features"), core("face.pipeline")
+    parser_module, constants = core("face.parser"), core("constants")
+    vision_glue = host.pack_submodule("nodes.glue.vision")
+    vision = vision_glue.comfy_vision_encoder(clip_vision)
     rgb = photo(0)
     ref = pipeline.analyse_reference(rgb, analysis, parser, "sd15")
-    crops = parsing.region_images(Image.fromarray(rgb), ref.regions)[: parsing.MAX_REGIONS]
+    crops = parsing.region_images(Image.fromarray(rgb), ref.regions)[: constants.MAX_REGIONS]
     pixels = torch.cat([torch.stack([clip.clip_pixel_values(Image.fromarray(rgb))]
                                     + [clip.clip_pixel_values(c) for c in crops]), clip.zero_pixel_values(1)])
     return [
         Case("face analysis (insightface, stand-in models)",
              lambda: face_analysis.detect_faces(analysis, rgb, 640, "official", "sd15")),
-        Case("parsing (BiSeNet at 512 px)", lambda: parsing.parse_image(parser, Image.fromarray(rgb), 512)),
+        Case("parsing (BiSeNet at 512 px)", lambda: parser_module.parse_image(parser, Image.fromarray(rgb), 512)),
         Case("regions: masks, crops, CLIP preprocessing",
              lambda: [clip.clip_pixel_values(c) for c in parsing.region_images(
                  Image.fromarray(rgb), parsing.select_regions(parsing.label_masks(ref.label_map)))]),
@@ -143,9 +144,9 @@ def stage_cases(host, clip_vision, analysis, parser, device) -> list[Case]:
 
 
 def scaling_cases(host, clip_vision, analysis, parser, counts) -> tuple[list[Case], dict]:
-    pipeline = host.pack_submodule("consistentid_core.face_pipeline")
-    encode_cache = host.pack_submodule("consistentid_core.encode_cache")
-    vision = host.pack_submodule("nodes.encode").comfy_vision_encoder(clip_vision)
+    pipeline = host.pack_submodule("consistentid_core.face.pipeline")
+    encode_cache = host.pack_submodule("consistentid_core.face.encode_cache")
+    vision = host.pack_submodule("nodes.glue.vision").comfy_vision_encoder(clip_vision)
     cache = encode_cache.EncodeCache()
     cases = []
     for n in counts:
@@ -198,7 +199,7 @@ def executed_nodes(host) -> list[str]:
 def graph_runs(host, repeats: int) -> dict:
     from PIL import Image
 
-    cache = host.pack_submodule("consistentid_core.encode_cache").ENCODE_CACHE
+    cache = host.pack_submodule("consistentid_core.face.encode_cache").ENCODE_CACHE
     for i in range(2):
         Image.fromarray(photo(10 + i)).save(os.path.join(host.folder_paths.get_input_directory(), f"bench_photo_{i}.png"))
     cache.clear()

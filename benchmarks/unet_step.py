@@ -212,8 +212,8 @@ def make_checkpoint(host, arch, device, dtype):
 
 def comfy_variants(host, model, ckpt, embeds, names, fold_lora: bool) -> dict:
     """The patched clones of ``model`` that the cases run, by case name (all share its weights)."""
-    apply = host.pack_submodule("nodes.apply")
-    patch = host.pack_submodule("nodes.patch")
+    apply = host.pack_submodule("nodes.glue.model_patch")
+    patch = host.pack_submodule("nodes.glue.model_patch")
     lora = 1.0 if fold_lora else 0.0
     variants = {"unpatched": model}
     for name in names:
@@ -245,7 +245,7 @@ def loader(patcher):
 def apply_node_costs(host, model, ckpt, embeds, fold_lora, repeats) -> dict:
     """ConsistentIDApplyModel's own time: the first run (projections and LoRA patch list built)
     and later runs (both memoised; a clone and 16/70 patch objects)."""
-    apply = host.pack_submodule("nodes.apply")
+    apply = host.pack_submodule("nodes.glue.model_patch")
     lora = 1.0 if fold_lora else 0.0
     began = time.perf_counter()
     apply.apply_model(model, ckpt, embeds, lora_strength=lora)
@@ -271,7 +271,7 @@ def switch_costs(unpatched, patched, device, repeats) -> dict:
 
 def capture_id_calls(host, patched, inputs) -> list[tuple]:
     """The arguments of every ID-term call of one forward: (q, extra_options, key, projections, settings)."""
-    patch_module = host.pack_submodule("nodes.patch")
+    patch_module = host.pack_submodule("nodes.glue.model_patch")
     original = patch_module.id_attention_delta
     calls = []
 
@@ -295,8 +295,8 @@ def id_term_costs(host, patched, inputs, device, repeats) -> dict:
     Timed on the query tensors of a real forward, so the shapes, batch layout and memoised
     keys/values are the sampler's; the difference of two step times would drown it in noise.
     """
-    core = host.pack_submodule("consistentid_core.id_attention")
-    patch_module = host.pack_submodule("nodes.patch")
+    core = host.pack_submodule("consistentid_core.model.id_attention")
+    patch_module = host.pack_submodule("nodes.glue.model_patch")
     calls = capture_id_calls(host, patched, inputs)
 
     def term(kernel_for):
@@ -367,7 +367,7 @@ def bench_comfy(host, args, arch, device, dtype, fold_lora) -> dict:
 def bench_diffusers(host, args, arch, device, dtype) -> dict:
     from tools import random_models
 
-    attention = host.pack_submodule("consistentid_core.attention")
+    attention = host.pack_submodule("training.attention_processors")
     blocks, steps = steady_samples(args, arch)
     embeds = benchlib.random_face_embeds(host, arch)
     benchlib.log_progress(f"{arch}: building the random diffusers UNet ({dtype})")

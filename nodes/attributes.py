@@ -6,39 +6,14 @@ The attribute branch needs ConsistentID weights trained with the attribute stage
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
-from PIL import Image
 
-from ..consistentid_core.attributes import CROP_MODES, AttributeEmbeds, encode_attributes
-from ..consistentid_core.face_analysis import to_rgb_uint8
-from ..consistentid_core.face_pipeline import PARSE_SIZE
-from ..consistentid_core.parsing import parse_image
-from .encode import check_clip_vision, comfy_vision_encoder
-from .images import image_batch_to_uint8
-from .memory import use_face_parser
-from .progress import comfy_progress, each_with_progress
-from .types import CATEGORY_FLEXID, AttributeEmbedsType, FaceParser
-
-
-def encode_attribute_batch(images, face_parser, clip_vision, mode: str, arch: str,
-                           progress=None) -> AttributeEmbeds | None:
-    """``progress(done, total)`` before each photo (see face_pipeline.Progress); ComfyUI's by default."""
-    arrays = image_batch_to_uint8(images, "attribute image")
-    check_clip_vision(clip_vision)
-    encoder = comfy_vision_encoder(clip_vision)
-    use_face_parser(face_parser)
-    rows = []
-    for index, array in each_with_progress(arrays, progress or comfy_progress()):
-        picture = Image.fromarray(to_rgb_uint8(array))
-        labels = parse_image(face_parser, picture, PARSE_SIZE[arch])
-        encoded = encode_attributes(picture, labels, encoder, mode=mode, source=f"attribute image {index}")
-        if encoded is not None:
-            rows.append(encoded)
-    if not rows:
-        return None  # logged by encode_attributes; the Apply node then skips the branch
-    return AttributeEmbeds(torch.cat([r.features for r in rows]), torch.cat([r.valid for r in rows]), rows[0].uncond,
-                           [s for r in rows for s in r.sources])
+from ..consistentid_core.attributes.photos import CROP_MODES, encode_attribute_photos
+from .glue.images import image_batch_to_uint8
+from .glue.memory import use_face_parser
+from .glue.progress import comfy_progress
+from .glue.types import CATEGORY_FLEXID, AttributeEmbedsType, FaceParser
+from .glue.vision import check_clip_vision, comfy_vision_encoder
 
 
 class ConsistentIDEncodeAttributes(io.ComfyNode):
@@ -72,4 +47,10 @@ class ConsistentIDEncodeAttributes(io.ComfyNode):
     @classmethod
     def execute(cls, clip_vision, face_parser, image, mode, resolution) -> io.NodeOutput:
         arch = "sdxl" if resolution.startswith("sdxl") else "sd15"
-        return io.NodeOutput(encode_attribute_batch(image, face_parser, clip_vision, mode, arch))
+        photos = image_batch_to_uint8(image, "attribute image")  # the photos' own faults first: free to check
+        check_clip_vision(clip_vision)
+        encoder = comfy_vision_encoder(clip_vision)
+        use_face_parser(face_parser)
+        # None when no photo shows an attribute (logged); the Apply node then skips the branch.
+        return io.NodeOutput(encode_attribute_photos(photos, face_parser, encoder, arch, mode=mode,
+                                                     progress=comfy_progress()))

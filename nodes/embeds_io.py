@@ -12,7 +12,7 @@ from ..consistentid_core.embeds import (
     COMBINE_METHODS, EXTENSION, TEMP_PREFIX, FaceEmbeds, load_embeds, resolve_inside, save_numbered_embeds,
 )
 from ..consistentid_core.errors import EmbedsError
-from .types import CATEGORY_EMBEDS, ConsistentIDEmbeds, ConsistentIDModel
+from .glue.types import CATEGORY_EMBEDS, ConsistentIDEmbeds, ConsistentIDModel
 
 logger = logging.getLogger("consistentid")
 

@@ -4,54 +4,27 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..consistentid_core.clip_features import CLIP_WIDTH, KNOWN_WIDTHS
+from ..consistentid_core.constants import PARSE_SIZE
 from ..consistentid_core.embeds import COMBINE_METHODS
-from ..consistentid_core.encode_cache import ENCODE_CACHE
-from ..consistentid_core.errors import ModelFileError
-from ..consistentid_core.face_analysis import to_rgb_uint8
-from ..consistentid_core.face_pipeline import ON_NO_FACE, PARSE_SIZE, encode_references
-from ..consistentid_core.parsing import GROUP_ORDER, label_masks, parse_image, region_group, select_regions
-from ..consistentid_core.preview import label_overlay, reference_preview, stack_previews
-from .images import image_batch_to_uint8, uint8_to_image_batch
-from .memory import use_face_parser
-from .progress import comfy_progress, each_with_progress
-from .types import CATEGORY_ENCODE, ConsistentIDEmbeds, ConsistentIDModel, FaceAnalysis, FaceParser
+from ..consistentid_core.face.analysis import to_rgb_uint8
+from ..consistentid_core.face.encode_cache import ENCODE_CACHE
+from ..consistentid_core.face.labels import overlay
+from ..consistentid_core.face.parser import parse_image
+from ..consistentid_core.face.parsing import group_masks
+from ..consistentid_core.face.pipeline import ON_NO_FACE, encode_references
+from ..consistentid_core.face.preview import reference_preview, stack_previews
+from .glue.images import image_batch_to_uint8, uint8_to_image_batch
+from .glue.inputs import COLOR_ORDER, FACE_SELECT
+from .glue.memory import use_face_parser
+from ..consistentid_core.progress import each_with_progress
+from .glue.progress import comfy_progress
+from .glue.types import CATEGORY_ENCODE, ConsistentIDEmbeds, ConsistentIDModel, FaceAnalysis, FaceParser
+from .glue.vision import check_clip_vision, comfy_vision_encoder
 
 logger = logging.getLogger("consistentid")
-
-FACE_SELECT = ["first", "largest", "highest_score"] + [f"index:{i}" for i in range(8)]
-COLOR_ORDER = ["official", "bgr", "rgb"]
-
-
-def check_clip_vision(clip_vision) -> None:
-    """Refuses a CLIP vision model other than ViT-H before running it (a bigG pass is expensive)."""
-    vision = getattr(getattr(clip_vision, "model", None), "vision_model", None)
-    embeddings = getattr(vision, "embeddings", None)
-    cls_embed = getattr(embeddings, "class_embedding", None)
-    width = None if cls_embed is None else int(cls_embed.shape[0])
-    layers = len(getattr(getattr(vision, "encoder", None), "layers", []))
-    if width != CLIP_WIDTH or layers != 32:
-        kind = KNOWN_WIDTHS.get(width, "an unknown image encoder")
-        raise ModelFileError(
-            f"the CLIP vision model given is {kind} (width {width}, {layers} layers), not ViT-H/14; ConsistentID needs "
-            "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (the SD1.5 IP-Adapter image encoder) from models/clip_vision"
-        )
-
-
-def comfy_vision_encoder(clip_vision):
-    """pixels [N,3,224,224] (already normalised) -> penultimate hidden states, through ComfyUI's model manager."""
-    import comfy.model_management
-
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
-        comfy.model_management.load_model_gpu(clip_vision.patcher)
-        out = clip_vision.model(pixel_values=pixels.to(clip_vision.load_device), intermediate_output=-2)
-        return out[1]
-
-    return encode
 
 
 class ConsistentIDFaceParse(io.ComfyNode):
@@ -88,14 +61,8 @@ class ConsistentIDFaceParse(io.ComfyNode):
         for _index, array in each_with_progress(arrays, comfy_progress()):
             rgb = to_rgb_uint8(array)
             labels = parse_image(face_parser, Image.fromarray(rgb), size)
-            kept = select_regions(label_masks(labels))
-            h, w = rgb.shape[:2]
-            slots = np.zeros((len(GROUP_ORDER), h, w), dtype=np.float32)
-            for name, mask in kept.items():
-                resized = np.asarray(Image.fromarray(mask).resize((w, h), Image.BICUBIC), dtype=np.float32) / 255
-                slots[GROUP_ORDER.index(region_group(name))] = resized
-            masks.append(torch.from_numpy(slots))
-            overlays.append(label_overlay(rgb, labels))
+            masks.append(torch.from_numpy(group_masks(labels, *rgb.shape[:2])))
+            overlays.append(overlay(rgb, labels))
         return io.NodeOutput(torch.cat(masks), uint8_to_image_batch(overlays))
 
 

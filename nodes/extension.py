@@ -9,7 +9,7 @@ from .attributes import ConsistentIDEncodeAttributes
 from .conditioning import ConsistentIDConditioning
 from .embeds_io import ConsistentIDCombineEmbeds, ConsistentIDLoadEmbeds, ConsistentIDSaveEmbeds
 from .encode import ConsistentIDEncodeFace, ConsistentIDFaceParse
-from .folders import register_model_folders
+from .glue.folders import register_model_folders
 from .loaders import ConsistentIDFaceAnalysisLoader, ConsistentIDFaceParserLoader, ConsistentIDModelLoader
 from .one_node import ConsistentIDApply
 from .region_control import ConsistentIDFaceKeypoints, ConsistentIDRegionMix, ConsistentIDRegionStrengths

@@ -8,12 +8,12 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..consistentid_core.checkpoint import cached_checkpoint, describe
 from ..consistentid_core.errors import ModelFileError
-from ..consistentid_core.insightface_models import find_insightface_model_dir, get_face_analysis, resolve_providers
-from ..consistentid_core.face_parser import PARSER_FILE_NAMES, get_face_parser
-from . import folders
-from .types import CATEGORY_LOADERS, ConsistentIDModel, FaceAnalysis, FaceParser
+from ..consistentid_core.face.insightface_models import find_insightface_model_dir, get_face_analysis, resolve_providers
+from ..consistentid_core.face.parser import PARSER_FILE_NAMES, get_face_parser
+from ..consistentid_core.model.checkpoint import cached_checkpoint, describe
+from .glue import folders
+from .glue.types import CATEGORY_LOADERS, ConsistentIDModel, FaceAnalysis, FaceParser
 
 logger = logging.getLogger("consistentid")
 

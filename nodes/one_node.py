@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .apply import MAX_WEIGHT, apply_model
-from .conditioning import MERGE_AT_TOOLTIP, consistentid_conditioning, merge_at_input, prompt_inputs, resolve_caption
-from .types import CATEGORY_APPLY, ConsistentIDEmbeds, ConsistentIDModel
+from ..consistentid_core.constants import MAX_WEIGHT
+from ..consistentid_core.prompt.text import resolve_caption
+from .glue.inputs import MERGE_AT_TOOLTIP, merge_at_input, prompt_inputs
+from .glue.model_patch import apply_model
+from .glue.text_encoding import consistentid_conditioning
+from .glue.types import CATEGORY_APPLY, ConsistentIDEmbeds, ConsistentIDModel
 
 
 class ConsistentIDApply(io.ComfyNode):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..consistentid_core.errors import FaceNotFoundError
-from ..consistentid_core.face_analysis import detect_faces, select_face, to_rgb_uint8
-from ..consistentid_core.keypoints import draw_face_keypoints
-from ..consistentid_core.region_control import RegionStrengths, mix_regions
-from .encode import COLOR_ORDER, FACE_SELECT
-from .images import image_batch_to_uint8, uint8_to_image_batch
-from .progress import comfy_progress, each_with_progress
-from .types import CATEGORY_FLEXID, ConsistentIDEmbeds, FaceAnalysis, RegionStrengthsType
+from ..consistentid_core.face.keypoints import pose_keypoints
+from ..consistentid_core.prompt.region_control import RegionStrengths, mix_regions
+from .glue.images import image_batch_to_uint8, uint8_to_image_batch
+from .glue.inputs import COLOR_ORDER, FACE_SELECT
+from ..consistentid_core.progress import each_with_progress
+from .glue.progress import comfy_progress
+from .glue.types import CATEGORY_FLEXID, ConsistentIDEmbeds, FaceAnalysis, RegionStrengthsType
 
 REGION_INPUTS = (("face", "face_shape_embeds"), ("eye", "eyes_embeds"), ("ear", "ears_embeds"),
                  ("nose", "nose_embeds"), ("lip", "mouth_embeds"))
@@ -87,7 +86,8 @@ class ConsistentIDFaceKeypoints(io.ComfyNode):
                                tooltip="which face of the photo: largest, highest_score, first (detector order) "
                                        "or index:N"),
                 io.Combo.Input("color_order", options=COLOR_ORDER, default="bgr",
-                               tooltip="colour order fed to insightface; bgr is what it expects"),
+                               tooltip="colour order fed to insightface; bgr is what it expects (official = bgr "
+                                       "here: a pose photo is not a reference photo)"),
             ],
             outputs=[io.Image.Output(display_name="keypoints",
                                      tooltip="the 5 keypoints on black, same size as the photo; to Apply "
@@ -99,10 +99,5 @@ class ConsistentIDFaceKeypoints(io.ComfyNode):
         pictures = []
         arrays = image_batch_to_uint8(image, "pose image")
         for index, array in each_with_progress(arrays, comfy_progress()):
-            rgb = to_rgb_uint8(array)
-            faces, _ = detect_faces(face_analysis, rgb, 640, color_order, "sd15")
-            if not faces:
-                raise FaceNotFoundError(f"no face found in pose image {index}: the keypoints need a visible face")
-            face = select_face(faces, face_select)[1]
-            pictures.append(draw_face_keypoints(face.kps, rgb.shape[1], rgb.shape[0]))
+            pictures.append(pose_keypoints(face_analysis, array, face_select, color_order, source=f"pose image {index}"))
         return io.NodeOutput(uint8_to_image_batch(pictures))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..consistentid_core.conditioning import OFFICIAL_MERGE_STEP, OFFICIAL_STEPS, merge_fraction
+from ..consistentid_core.constants import OFFICIAL_MERGE_STEP, OFFICIAL_STEPS
 from ..consistentid_core.errors import PromptError
-from .conditioning import PHASE_KEY
-from .types import CATEGORY_SAMPLING
+from ..consistentid_core.prompt.conditioning import merge_fraction
+from .glue.text_encoding import PHASE_KEY
+from .glue.types import CATEGORY_SAMPLING
 
 
 def schedule(model, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str | None = None):

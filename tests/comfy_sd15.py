@@ -42,7 +42,7 @@ def consistentid_sd15(session, tmp_path, seed: int = 3):
     """A random official-layout SD1.5 ConsistentID file, loaded with the pack's own loader."""
     path = tmp_path / "ConsistentID-v1.bin"
     torch.save(random_official_state("sd15", seed=seed, proj_dtype=torch.float32), path)
-    return session.pack_submodule("consistentid_core.checkpoint").load_checkpoint(str(path))
+    return session.pack_submodule("consistentid_core.model.checkpoint").load_checkpoint(str(path))
 
 
 def random_embeds(session, arch="sd15", n=1, seed=5, names=("Face", "Left_Eye", "Left_Ear", "Nose", "Upper_Lip")):

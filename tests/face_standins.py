@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from consistentid_core.parsing import LABEL_LEFT_EAR, LABEL_LEFT_EYE, LABEL_LOWER_LIP, LABEL_NOSE, LABEL_RIGHT_EAR
-from consistentid_core.parsing import LABEL_RIGHT_EYE, LABEL_SKIN, LABEL_UPPER_LIP
+from consistentid_core.face.labels import LABEL_LEFT_EAR, LABEL_LEFT_EYE, LABEL_LOWER_LIP, LABEL_NOSE, LABEL_RIGHT_EAR
+from consistentid_core.face.labels import LABEL_RIGHT_EYE, LABEL_SKIN, LABEL_UPPER_LIP
 
 
 class FixedParser(torch.nn.Module):

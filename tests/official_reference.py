@@ -1,7 +1,7 @@
 """A functional re-statement of the official ConsistentID modules, written from the spec's text.
 
 It works directly on state dicts (no nn.Module), so it shares no code with
-``consistentid_core.models`` and can serve as the independent side of the parity tests.  It keeps
+``consistentid_core.model.networks`` and can serve as the independent side of the parity tests.  It keeps
 the official in-place write of the FacialEncoder.
 """
 

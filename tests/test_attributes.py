@@ -7,24 +7,24 @@ import pytest
 import torch
 from PIL import Image
 
-from consistentid_core.attribute_branch import (
+from consistentid_core.attributes.branch import (
     AttributeBranch, attribute_branch_from_extra, attribute_projections, attribute_state_dict, branch_dropout,
 )
-from consistentid_core.attention import ConsistentIDIPAttnProcessor, install_processors
-from consistentid_core.attribute_training import (
+from training.attention_processors import ConsistentIDIPAttnProcessor, install_processors
+from training.attribute_branch_training import (
     AttributeAttnProcessor, AttributeBatch, AttributeStream, attribute_loss_step, attribute_optimizer,
     identity_context, install_attribute_processors, remove_attribute_processors,
 )
-from consistentid_core.attributes import (
+from consistentid_core.attributes.photos import (
     ATTRIBUTE_NAMES, NO_ATTRIBUTES_MESSAGE, AttributeEmbeds, attribute_images, attribute_regions, encode_attributes,
 )
-from consistentid_core.checkpoint import load_checkpoint
-from consistentid_core.clip_features import clip_pixel_values
+from consistentid_core.model.checkpoint import load_checkpoint
+from consistentid_core.face.clip_features import clip_pixel_values
 from consistentid_core.errors import CheckpointError, EmbedsError
-from consistentid_core.id_attention import IDPatchSettings, id_attention_delta, sdpa_attention
-from consistentid_core.layers import UNetLayout, cross_attention_layers
-from consistentid_core.models import FacialEncoder, ProjPlusModel
-from consistentid_core.parsing import LABEL_EARRING, LABEL_EYEGLASSES, LABEL_HAIR, LABEL_LEFT_EYE, LABEL_SKIN
+from consistentid_core.model.id_attention import IDPatchSettings, id_attention_delta, sdpa_attention
+from consistentid_core.model.layers import UNetLayout, cross_attention_layers
+from consistentid_core.model.networks import FacialEncoder, ProjPlusModel
+from consistentid_core.face.labels import LABEL_EARRING, LABEL_EYEGLASSES, LABEL_HAIR, LABEL_LEFT_EYE, LABEL_SKIN
 from spec_keys import flatten, random_official_state
 from numeric import SAME_MATH_FP32, assert_close, assert_differs
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from consistentid_core import checkpoint as checkpoint_module
-from consistentid_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from consistentid_core.model import checkpoint as checkpoint_module
+from consistentid_core.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from spec_keys import flatten, random_official_state
 
 

@@ -34,7 +34,7 @@ def unet_pair(comfy):
 @pytest.fixture(scope="module")
 def files(comfy, tmp_path_factory):
     """(official file, file with the attribute branch, the branch) loaded with the pack's loader."""
-    from consistentid_core.attribute_branch import AttributeBranch, attribute_state_dict
+    from consistentid_core.attributes.branch import AttributeBranch, attribute_state_dict
 
     folder = tmp_path_factory.mktemp("cid")
     official = random_official_state("sd15", seed=3, proj_dtype=torch.float32)
@@ -45,12 +45,12 @@ def files(comfy, tmp_path_factory):
         nested.setdefault(part, {})[rest] = value
     torch.save(official, folder / "ConsistentID-v1.bin")
     torch.save(nested, folder / "ConsistentID-v1-attributes.bin")
-    load = comfy.pack_submodule("consistentid_core.checkpoint").load_checkpoint
+    load = comfy.pack_submodule("consistentid_core.model.checkpoint").load_checkpoint
     yield load(str(folder / "ConsistentID-v1.bin")), load(str(folder / "ConsistentID-v1-attributes.bin")), branch
 
 
 def _attribute_embeds(comfy, present=(0, 1), seed=11):
-    attributes = comfy.pack_submodule("consistentid_core.attributes")
+    attributes = comfy.pack_submodule("consistentid_core.attributes.photos")
     slots = len(attributes.ATTRIBUTE_NAMES)
     gen = torch.Generator().manual_seed(seed)
     valid = torch.zeros(1, slots, dtype=torch.bool)
@@ -60,7 +60,7 @@ def _attribute_embeds(comfy, present=(0, 1), seed=11):
 
 
 def _apply(comfy, model, ckpt, embeds, **kwargs):
-    return comfy.pack_submodule("nodes.apply").apply_model(model, ckpt, embeds, **kwargs)
+    return comfy.pack_submodule("nodes.glue.model_patch").apply_model(model, ckpt, embeds, **kwargs)
 
 
 
@@ -72,8 +72,8 @@ def _inputs(seed=0):
 
 def test_comfy_patch_equals_the_training_processors_with_attributes(comfy, unet_pair, files):
     """The node's attribute term is the one the attribute stage trains (diffusers, core processors)."""
-    from consistentid_core.attention import install_processors
-    from consistentid_core.attribute_training import install_attribute_processors
+    from training.attention_processors import install_processors
+    from training.attribute_branch_training import install_attribute_processors
 
     unet, model = unet_pair
     _, ckpt, branch = files
@@ -204,10 +204,10 @@ def test_encode_attributes_node(comfy, monkeypatch, caplog):
 def test_training_output_loads_in_the_loader_node_and_patches(comfy, unet_pair, tmp_path):
     """What training/train.py writes for SD1.5 (the trainee's to_checkpoint + save_checkpoint, as
     TrainingRun.save_adapter does), and the attribute stage's file, load in ConsistentIDModelLoader."""
-    from consistentid_core.attention import install_processors
-    from consistentid_core.attribute_branch import AttributeBranch, attribute_state_dict
-    from consistentid_core.checkpoint import save_checkpoint
-    from consistentid_core.layers import LAYOUTS
+    from training.attention_processors import install_processors
+    from consistentid_core.attributes.branch import AttributeBranch, attribute_state_dict
+    from consistentid_core.model.checkpoint import save_checkpoint
+    from consistentid_core.model.layers import LAYOUTS
     from training.modules import ConsistentIDTrainee, new_modules
 
     unet, model = unet_pair

@@ -54,7 +54,7 @@ SIZE = 640
 FACE = (192, 192, 128)  # centre x, centre y, side: the box 128..256 in both axes
 SMALL_FACE = (480, 480, 64)  # the box 448..512
 PREVIEW_HEIGHT = 384  # reference_preview's row height
-CHOSEN_COLOUR = np.array((40, 220, 60))  # consistentid_core.preview: the face that was used
+CHOSEN_COLOUR = np.array((40, 220, 60))  # consistentid_core.face.preview: the face that was used
 OTHER_COLOUR = np.array((220, 50, 50))
 
 
@@ -185,8 +185,8 @@ def test_workflow_embeds_equal_the_core_functions(models, loaded):
     assert abs(float(embeds.id_embeds[0].norm()) - 1.0) < 1e-5
 
     # The same photo through the core pipeline with the very objects the loader nodes give.
-    pipeline = comfy.pack_submodule("consistentid_core.face_pipeline")
-    vision = comfy.pack_submodule("nodes.encode").comfy_vision_encoder(loaded.clip_vision)
+    pipeline = comfy.pack_submodule("consistentid_core.face.pipeline")
+    vision = comfy.pack_submodule("nodes.glue.vision").comfy_vision_encoder(loaded.clip_vision)
     photo = np.asarray(Image.open(comfy.input_dir / PHOTO_FILE).convert("RGB"))
     with torch.inference_mode():
         expected, refs = pipeline.encode_references(
@@ -245,7 +245,7 @@ def test_comfyui_vision_encoder_gives_the_official_penultimate_states(models, lo
     state = load_file(str(models.models_dir / "clip_vision" / VIT_H_FILE))
     reference.load_state_dict({key: value.float() for key, value in state.items()})
     pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    vision = models.pack_submodule("nodes.encode").comfy_vision_encoder(loaded.clip_vision)
+    vision = models.pack_submodule("nodes.glue.vision").comfy_vision_encoder(loaded.clip_vision)
     with torch.inference_mode():
         expected = reference.eval()(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
         features = vision(pixels).float()
@@ -591,7 +591,7 @@ def _block_imports(monkeypatch, package: str) -> None:
 
 def test_without_insightface_the_loader_says_what_to_install(models, errors, monkeypatch):
     comfy = models
-    models_module = comfy.pack_submodule("consistentid_core.insightface_models")
+    models_module = comfy.pack_submodule("consistentid_core.face.insightface_models")
     monkeypatch.setattr(models_module, "_CACHE", {})
     _block_imports(monkeypatch, "insightface")
     with pytest.raises(errors.MissingDependencyError,
@@ -601,7 +601,7 @@ def test_without_insightface_the_loader_says_what_to_install(models, errors, mon
 
 def test_without_facexlib_the_loader_says_what_to_install(models, errors, monkeypatch):
     comfy = models
-    face_parser = comfy.pack_submodule("consistentid_core.face_parser")
+    face_parser = comfy.pack_submodule("consistentid_core.face.parser")
     monkeypatch.setattr(face_parser, "_cache", {})
     _block_imports(monkeypatch, "facexlib")
     with pytest.raises(errors.MissingDependencyError, match=r"the face parser needs the facexlib package .*'pip install facexlib'"):

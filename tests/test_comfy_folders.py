@@ -15,7 +15,7 @@ def session(tmp_path_factory):
 
 def test_extra_model_paths_entries_keep_working(session, tmp_path):
     folder_paths = session.folder_paths
-    folders = session.pack_submodule("nodes.folders")
+    folders = session.pack_submodule("nodes.glue.folders")
     shared = tmp_path / "shared_models" / "consistentid"
     shared.mkdir(parents=True)
     (shared / "ConsistentID-from-yaml.bin").write_bytes(b"x")

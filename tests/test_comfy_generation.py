@@ -40,7 +40,7 @@ def clip(comfy):
 
 
 def _apply(comfy, model, ckpt, embeds, **kwargs):
-    return comfy.pack_submodule("nodes.apply").apply_model(model, ckpt, embeds, **kwargs)
+    return comfy.pack_submodule("nodes.glue.model_patch").apply_model(model, ckpt, embeds, **kwargs)
 
 
 def _attn2_patches(model):
@@ -56,7 +56,7 @@ def test_every_cross_attention_block_is_patched_once_per_forward(comfy, unet_pai
     assert len(keys) == 16 and ("middle", 0, 0) in keys
     assert _attn2_patches(model) == {}, "the input model must stay unpatched"
 
-    patch_mod = comfy.pack_submodule("nodes.patch")
+    patch_mod = comfy.pack_submodule("nodes.glue.model_patch")
     calls = []
     original = patch_mod.id_attention_delta
     monkeypatch.setattr(patch_mod, "id_attention_delta", lambda q, o, key, *a: calls.append(key) or original(q, o, key, *a))
@@ -65,7 +65,7 @@ def test_every_cross_attention_block_is_patched_once_per_forward(comfy, unet_pai
 
 
 def test_patched_comfy_unet_equals_diffusers_with_the_core_processors(comfy, unet_pair, ckpt, embeds):
-    from consistentid_core.attention import install_processors
+    from training.attention_processors import install_processors
 
     unet, model = unet_pair
     patched = _apply(comfy, model, ckpt, embeds)
@@ -165,7 +165,7 @@ def test_architecture_and_range_errors(comfy, unet_pair, ckpt, embeds, clip):
         _apply(comfy, FakeSDXL(), ckpt, embeds)
     with pytest.raises(errors.PromptError, match="start_at"):
         _apply(comfy, model, ckpt, embeds, start_at=0.8, end_at=0.2)
-    cond = comfy.pack_submodule("nodes.conditioning")
+    cond = comfy.pack_submodule("nodes.glue.text_encoding")
     with pytest.raises(errors.PromptError, match="merge_at must be between 0 and 1"):
         cond.consistentid_conditioning(clip, ckpt, embeds, "a man", "", merge_at=1.5)
     sampler = comfy.pack_submodule("nodes.sampler")
@@ -184,7 +184,7 @@ def test_latent_batch_larger_than_the_embeds_batch(comfy, unet_pair, ckpt):
 
 
 def test_conditioning_entries_and_the_negative(comfy, ckpt, embeds, clip, caplog):
-    cond = comfy.pack_submodule("nodes.conditioning")
+    cond = comfy.pack_submodule("nodes.glue.text_encoding")
     long_negative = ", ".join(["ugly"] * 100)
     with caplog.at_level(logging.WARNING, logger="consistentid"):
         positive, negative = cond.consistentid_conditioning(clip, ckpt, embeds, "A man, in a forest", long_negative,
@@ -201,7 +201,7 @@ def test_merge_switch_happens_after_the_merge_step(comfy, unet_pair, ckpt, embed
     import comfy.samplers as samplers
 
     sampler = comfy.pack_submodule("nodes.sampler")
-    cond_mod = comfy.pack_submodule("nodes.conditioning")
+    cond_mod = comfy.pack_submodule("nodes.glue.text_encoding")
     _, model = unet_pair
     patched = _apply(comfy, model, ckpt, embeds)
     positive, negative = cond_mod.consistentid_conditioning(clip, ckpt, embeds, "A man", "", merge_at=0.5)
@@ -235,7 +235,7 @@ def test_an_interrupt_during_sampling_leaves_nothing_patched(comfy, unet_pair, c
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.randn(2, 77, 768)
     baseline = unet_forward(model, x, t, text, [0, 1])
     patched = _apply(comfy, model, ckpt, embeds)
-    positive, negative = comfy.pack_submodule("nodes.conditioning").consistentid_conditioning(clip, ckpt, embeds, "A man", "")
+    positive, negative = comfy.pack_submodule("nodes.glue.text_encoding").consistentid_conditioning(clip, ckpt, embeds, "A man", "")
     calls = []
 
     def cancel_on_second_step(apply_model, args):

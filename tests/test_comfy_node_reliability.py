@@ -51,11 +51,11 @@ def embeds(comfy):
 @pytest.fixture(scope="module")
 def analysis(comfy, tmp_path_factory):
     folder = make_buffalo_l(str(tmp_path_factory.mktemp("insightface") / "models" / "buffalo_l"))
-    return comfy.pack_submodule("consistentid_core.insightface_models").load_face_analysis(folder, ["CPUExecutionProvider"])
+    return comfy.pack_submodule("consistentid_core.face.insightface_models").load_face_analysis(folder, ["CPUExecutionProvider"])
 
 
 def _apply(comfy, model, ckpt, embeds, **kwargs):
-    return comfy.pack_submodule("nodes.apply").apply_model(model, ckpt, embeds, **kwargs)
+    return comfy.pack_submodule("nodes.glue.model_patch").apply_model(model, ckpt, embeds, **kwargs)
 
 
 def _inputs(latent_batch, seed=0):
@@ -139,7 +139,7 @@ def test_a_merge_at_of_one_warns_that_the_facial_prompt_is_never_used(comfy, mod
         in caplog.text
     caplog.clear()
     clip = comfy_sd15_clip()[0]
-    cond = comfy.pack_submodule("nodes.conditioning")
+    cond = comfy.pack_submodule("nodes.glue.text_encoding")
     with caplog.at_level(logging.WARNING, logger="consistentid"):
         cond.consistentid_conditioning(clip, ckpt, embeds, "A man", "", merge_at=1.0)
     assert "merge_at is 1.0 (the facial entry starts at the very end), so the facial prompt is never used" in caplog.text
@@ -181,7 +181,7 @@ class ShapeOnly:
 
 
 def test_an_oversized_batch_is_refused_from_its_shape_before_any_conversion(comfy, errors):
-    images = comfy.pack_submodule("nodes.images")
+    images = comfy.pack_submodule("nodes.glue.images")
     message = (r"reference image is 8000x8000 px; sides above 4096 px are refused because detection works at 640 px "
                r"or less and a larger image only costs memory \(all 2 image\(s\) of the batch refused before "
                r"conversion\): downscale it first")
@@ -291,8 +291,8 @@ def test_face_keypoints_show_progress_and_stop_on_cancel(comfy, analysis, progre
 
     region_control = comfy.pack_submodule("nodes.region_control")
     detected = []
-    original = region_control.detect_faces
-    monkeypatch.setattr(region_control, "detect_faces", lambda *a: detected.append(1) or original(*a))
+    original = region_control.pose_keypoints
+    monkeypatch.setattr(region_control, "pose_keypoints", lambda *a, **k: detected.append(1) or original(*a, **k))
     inputs = dict(face_analysis=analysis, face_select="largest", color_order="rgb")  # blue square: insightface sees it in RGB
     (pictures,) = comfy.execute_node("ConsistentIDFaceKeypoints", image=_faces(2), **inputs).args
     assert tuple(pictures.shape) == (2, 640, 640, 3)
@@ -309,7 +309,7 @@ def test_unload_all_models_releases_the_key_value_copies_and_sampling_still_matc
     import comfy.model_management as mm
     import hook_breaker_ac10a0
 
-    memory = comfy.pack_submodule("nodes.memory")
+    memory = comfy.pack_submodule("nodes.glue.model_patch")
     patched = _apply(comfy, model, ckpt, embeds, attn_mask=_half_mask())
     x, t, text = _inputs(latent_batch=1)
     first = unet_forward(patched, x, t, text, [0, 1])
@@ -332,9 +332,9 @@ def test_unload_all_models_releases_the_key_value_copies_and_sampling_still_matc
 def test_unload_all_models_releases_the_face_models_and_offloads_the_parser(comfy, monkeypatch):
     import comfy.model_management as mm
 
-    memory = comfy.pack_submodule("nodes.memory")
-    parser_module = comfy.pack_submodule("consistentid_core.face_parser")
-    insightface_module = comfy.pack_submodule("consistentid_core.insightface_models")
+    memory = comfy.pack_submodule("nodes.glue.memory")
+    parser_module = comfy.pack_submodule("consistentid_core.face.parser")
+    insightface_module = comfy.pack_submodule("consistentid_core.face.insightface_models")
     assert parser_module._cache.max_entries == 2 and insightface_module._CACHE.max_entries == 2
 
     parser = CountingParser()

@@ -30,8 +30,7 @@ def test_every_sdxl_layer_of_the_table_exists_in_comfyui_and_takes_its_lora(sess
     import comfy.lora
     import comfy.model_detection
 
-    layers = session.pack_submodule("consistentid_core.layers")
-    patch = session.pack_submodule("nodes.patch")
+    layers = session.pack_submodule("consistentid_core.model.layers")
     config = comfy.model_detection.model_config_from_unet_config(dict(SDXL_UNET))
     with torch.device("meta"):
         model = config.get_model({}, device="meta")
@@ -49,7 +48,7 @@ def test_every_sdxl_layer_of_the_table_exists_in_comfyui_and_takes_its_lora(sess
         adapter = {row.index: {f"{lora}.{part}.weight": torch.zeros(1, 1) for lora, _ in layers.LORA_TARGETS
                                for part in ("down", "up")} for row in layers.layer_table("sdxl")}
 
-    patches = comfy.lora.load_lora(patch.lora_state(FakeCkpt), key_map, log_missing=False)
+    patches = comfy.lora.load_lora(session.pack_submodule("consistentid_core.model.adapter").adapter_lora_state(FakeCkpt), key_map, log_missing=False)
     assert len(patches) == 4 * 140
 
 
@@ -58,9 +57,9 @@ def test_a_forward_with_sdxl_block_structure_calls_each_of_the_70_patches_once(s
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    layers = session.pack_submodule("consistentid_core.layers")
-    idattn = session.pack_submodule("consistentid_core.id_attention")
-    patch = session.pack_submodule("nodes.patch")
+    layers = session.pack_submodule("consistentid_core.model.layers")
+    idattn = session.pack_submodule("consistentid_core.model.id_attention")
+    patch = session.pack_submodule("nodes.glue.model_patch")
     small = dict(SDXL_UNET, model_channels=32, num_head_channels=8, context_dim=32, adm_in_channels=8)
     for key in ("use_temporal_attention", "use_temporal_resblock"):
         small.pop(key)
@@ -103,16 +102,16 @@ def test_sdxl_conditioning_with_both_text_encoders(session):
                                                         num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))
     clip = comfy.sd.load_text_encoder_state_dicts([clip_l.state_dict(), clip_g.state_dict()],
                                                   clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
-    ckpt_mod = session.pack_submodule("consistentid_core.checkpoint")
-    models = session.pack_submodule("consistentid_core.models")
+    ckpt_mod = session.pack_submodule("consistentid_core.model.checkpoint")
+    models = session.pack_submodule("consistentid_core.model.networks")
     ckpt = ckpt_mod.ConsistentIDCheckpoint("sdxl", models.build_facial_encoder("sdxl").eval(),
                                            models.build_image_proj("sdxl").eval(), {}, path="ConsistentID_SDXL-v1.bin")
     from comfy_sd15 import random_embeds
 
     embeds = random_embeds(session, arch="sdxl")
     embeds.checkpoint = "ConsistentID_SDXL-v1.bin"
-    cond = session.pack_submodule("nodes.conditioning")
-    text = session.pack_submodule("consistentid_core.text")
+    cond = session.pack_submodule("nodes.glue.text_encoding")
+    text = session.pack_submodule("consistentid_core.prompt.text")
     positive, negative = cond.consistentid_conditioning(clip, ckpt, embeds, "A woman wearing a santa hat", "open mouth",
                                                         caption=text.CAPTION_SDXL, merge_at=0.6)
     (text_only, info_t), (facial, info_f) = positive

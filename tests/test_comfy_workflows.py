@@ -13,7 +13,7 @@ from PIL import Image
 from comfy_harness import REPO_ROOT, comfy_session, comfyui_path_or_skip
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
-WORKFLOWS = os.path.join(REPO_ROOT, "tests", "workflows")
+WORKFLOWS = os.path.join(REPO_ROOT, "example_workflows", "api")
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from clip_vocab import sd15_tokenizer, sdxl_tokenizer_2
-from consistentid_core.conditioning import build_conditioning
+from consistentid_core.prompt.conditioning import build_conditioning
 from consistentid_core.embeds import FaceEmbeds
-from consistentid_core.models import FacialEncoder
-from consistentid_core.text import CAPTION_SD15, CAPTION_SD15_OLD, CAPTION_SDXL, IMAGE_MARKER, build_facial_prompt, plain_ids
-from consistentid_core.text import second_encoder_ids
+from consistentid_core.model.networks import FacialEncoder
+from consistentid_core.prompt.text import CAPTION_SD15, CAPTION_SD15_OLD, CAPTION_SDXL, IMAGE_MARKER, build_facial_prompt, plain_ids
+from consistentid_core.prompt.text import second_encoder_ids
 from numeric import SAME_MATH_FP32, assert_close
 
 PROMPT = "A man, in a forest, adventuring"

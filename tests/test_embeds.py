@@ -18,7 +18,7 @@ from consistentid_core.embeds import (
     save_embeds,
     save_numbered_embeds,
 )
-from consistentid_core import embeds as embeds_module
+from consistentid_core.embeds import files as embeds_files
 from consistentid_core.errors import EmbedsError
 from numeric import SAME_MATH_FP32, assert_close
 
@@ -424,7 +424,7 @@ def test_numbered_save_never_replaces_a_file_another_server_just_wrote(tmp_path,
     other = make([ALL5], seed=11)
     save_embeds(other, str(tmp_path / "anna_00001.safetensors"))
     save_embeds(other, str(tmp_path / "anna_00002.safetensors"))
-    monkeypatch.setattr(embeds_module, "_first_free_number", lambda folder, prefix: 1)
+    monkeypatch.setattr(embeds_files, "_first_free_number", lambda folder, prefix: 1)
 
     mine = make([["Face", "Nose"]], seed=12)
     path = save_numbered_embeds(mine, str(tmp_path), "anna")
@@ -442,8 +442,8 @@ def test_numbered_save_without_hard_links_still_claims_exclusively(tmp_path, mon
 
     other = make([ALL5], seed=11)
     save_embeds(other, str(tmp_path / "anna_00001.safetensors"))
-    monkeypatch.setattr(embeds_module.os, "link", no_links)
-    monkeypatch.setattr(embeds_module, "_first_free_number", lambda folder, prefix: 1)
+    monkeypatch.setattr(embeds_files.os, "link", no_links)
+    monkeypatch.setattr(embeds_files, "_first_free_number", lambda folder, prefix: 1)
     mine = make([["Face"]], seed=13)
     path = save_numbered_embeds(mine, str(tmp_path), "anna")
     assert os.path.basename(path) == "anna_00002.safetensors"
@@ -487,7 +487,7 @@ def test_numbered_save_names_a_length_limit_found_only_by_the_system(tmp_path, m
     def refuse(*args, **kwargs):
         raise OSError(errno.ENAMETOOLONG, "File name too long")
 
-    monkeypatch.setattr(embeds_module.os, "makedirs", refuse)
+    monkeypatch.setattr(embeds_files.os, "makedirs", refuse)
     with pytest.raises(EmbedsError, match="is too long"):
         save_numbered_embeds(make([["Face"]]), str(tmp_path), "sub/name")
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from consistentid_core.emphasis import parse_emphasis, strip_emphasis
+from consistentid_core.prompt.emphasis import parse_emphasis, strip_emphasis
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from consistentid_core.encode_cache import EncodeCache, image_digest
-from consistentid_core.face_analysis import get_face_analysis, load_face_analysis
-from consistentid_core.face_pipeline import encode_references
+from consistentid_core.face.encode_cache import EncodeCache, image_digest
+from consistentid_core.face.analysis import get_face_analysis, load_face_analysis
+from consistentid_core.face.pipeline import encode_references
 from consistentid_core.memo import IdentityLRU
 from face_standins import FixedParser, PatchEncoder, face_label_map
 from tools.insightface_standins import make_buffalo_l, red_square_image

@@ -350,7 +350,7 @@ def test_eval_workflows_and_manifest_round_trip(tmp_path):
     item = manifest["items"][3]
     assert (item["identity"], item["prompt"], item["seed"]) == ("astro", "a woman wearing a black leather jacket", 8)
     flow = json.load(open(tmp_path / "set" / item["workflow"]))
-    template = json.load(open(os.path.join(os.path.dirname(cli.__file__), "..", "tests", "workflows",
+    template = json.load(open(os.path.join(os.path.dirname(cli.__file__), "..", "example_workflows", "api",
                                            "sd15_portrait_api.json")))
     assert flow["6"]["inputs"]["image"] == "consistentid_eval/astro.png"
     assert flow["8"]["inputs"]["text"] == "a woman wearing a black leather jacket"

@@ -1,4 +1,4 @@
-"""The UI-format example workflows (example_workflows/) and their API twins (tests/workflows/).
+"""The UI-format example workflows (example_workflows/) and their API twins (example_workflows/api/).
 
 Without ComfyUI: the files parse, pair up, have consistent link tables, use known node types
 and match their API twins in nodes and links; the converter's widget rules hold on small
@@ -19,7 +19,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_DIR = os.path.join(REPO, "example_workflows")
-API_DIR = os.path.join(REPO, "tests", "workflows")
+API_DIR = os.path.join(REPO, "example_workflows", "api")
 
 # The ComfyUI built-in nodes the examples use (the comfyui test below checks them for real),
 # and the frontend's own note nodes, which the server never sees.

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from consistentid_core import face_analysis as fa
+from consistentid_core.face import analysis as fa
 from consistentid_core.errors import (
     ConsistentIDError,
     FaceNotFoundError,

@@ -1,16 +1,15 @@
 """The BiSeNet face parser built with facexlib, loaded from local files only."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from consistentid_core.clip_features import clip_pixel_values
+from consistentid_core.face.clip_features import clip_pixel_values
 from consistentid_core.errors import ModelFileError
-from consistentid_core.face_parser import build_bisenet, find_parser_file, get_face_parser, load_face_parser
-from consistentid_core.parsing import parse_image
+from consistentid_core.face.parser import build_bisenet, get_face_parser, load_face_parser
+from consistentid_core.face.parser import parse_image
 
 pytest.importorskip("facexlib")
 
@@ -69,20 +68,6 @@ def test_parser_is_cached_per_file_and_device(tmp_path, bisenet_state):
     path = tmp_path / "face_parsing.pth"
     torch.save(bisenet_state, path)
     assert get_face_parser(str(path)) is get_face_parser(str(path))
-
-
-def test_find_parser_file_lists_what_it_searched(tmp_path):
-    a, b = tmp_path / "consistentid", tmp_path / "facexlib"
-    a.mkdir()
-    (a / "ConsistentID-v1.bin").write_bytes(b"x")
-    with pytest.raises(ModelFileError) as info:
-        find_parser_file([str(a), str(b)])
-    message = str(info.value)
-    assert "face_parsing.pth" in message and str(a) in message and "ConsistentID-v1.bin" in message
-    assert f"{b}: (does not exist)" in message
-    (b / "x").mkdir(parents=True)
-    (b / "parsing_bisenet.pth").write_bytes(b"x")
-    assert find_parser_file([str(a), str(b)]) == os.path.join(str(b), "parsing_bisenet.pth")
 
 
 def test_clip_preprocessing_equals_hugging_face():

@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from consistentid_core.clip_features import check_vision_features, clip_pixel_values, zero_pixel_values
+from consistentid_core.face.clip_features import check_vision_features, clip_pixel_values, zero_pixel_values
 from consistentid_core.errors import FaceNotFoundError, ModelFileError
-from consistentid_core.face_analysis import get_face_analysis
-from consistentid_core.face_pipeline import encode_references
-from consistentid_core.parsing import label_masks, parse_image, region_images, select_regions
-from consistentid_core.preview import reference_preview
+from consistentid_core.face.analysis import get_face_analysis
+from consistentid_core.face.pipeline import encode_references
+from consistentid_core.face.parser import parse_image
+from consistentid_core.face.parsing import label_masks, region_images, select_regions
+from consistentid_core.face.preview import reference_preview
 from face_standins import FixedParser, PatchEncoder, face_label_map
 from tools.insightface_standins import make_buffalo_l, red_square_image
 from numeric import DEEP_NET_FP32, assert_close, assert_differs

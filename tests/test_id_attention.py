@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from consistentid_core.conditioning import merge_fraction
+from consistentid_core.prompt.conditioning import merge_fraction
 from consistentid_core.errors import PromptError
-from consistentid_core.id_attention import (
+from consistentid_core.model.id_attention import (
     IDPatchSettings,
     IDProjections,
     id_attention_delta,
@@ -133,7 +133,7 @@ def test_the_whole_schedule_never_reads_the_sigma():
 
 
 def test_the_sigma_of_a_step_is_read_once_and_follows_changes():
-    from consistentid_core.id_attention import current_sigma
+    from consistentid_core.model.id_attention import current_sigma
 
     sigmas = torch.tensor([3.0, 3.0])
     assert current_sigma({"sigmas": sigmas}) == 3.0

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from consistentid_core.keypoints import POINT_COLOURS, STICK_DIMMING, draw_face_keypoints
+from consistentid_core.face.keypoints import POINT_COLOURS, STICK_DIMMING, draw_face_keypoints
 
 
 def test_points_are_coloured_dots_and_sticks_join_them_to_the_nose():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import official_reference as ref
-from consistentid_core.models import FacialEncoder, ProjPlusModel, build_facial_encoder, build_image_proj
+from consistentid_core.model.networks import FacialEncoder, ProjPlusModel, build_facial_encoder, build_image_proj
 from spec_keys import random_official_state, read_layout
 
 PARAM_COUNTS = {

@@ -7,7 +7,6 @@ pyproject metadata, the .comfyignore of the registry archive, and the default me
 example workflows.
 """
 
-import ast
 import json
 import os
 import re
@@ -29,9 +28,8 @@ REGISTRY_ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel 
                          "GPU :: Apple Metal"}
 RUNTIME_FOLDERS = ("nodes", "consistentid_core", "example_workflows")
 RUNTIME_FILES = ("__init__.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE")
-DEVELOPMENT_PATHS = ("tests/conftest.py", "tests/workflows/sd15_portrait_api.json", "training/train.py",
+DEVELOPMENT_PATHS = ("tests/conftest.py", "training/train.py",
                      "benchmarks/benchlib.py", "tools/run_workflow.py", "run.sh", ".ci/run", "requirements-dev.txt")
-DEVELOPMENT_PACKAGES = {"tests", "tools", "training", "benchmarks"}
 
 
 def _pyproject() -> dict:
@@ -108,55 +106,25 @@ def test_comfyignore_keeps_the_node_pack_and_leaves_out_the_rest():
     assert [path for path in DEVELOPMENT_PATHS if not _ignored(path, patterns)] == []
 
 
-def _imported_top_levels(path: str, package_depth: int) -> set[str]:
-    """First names of the modules a file imports; relative imports are resolved against the repository."""
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                names.add((node.module or "").split(".")[0])
-            elif node.level > package_depth:  # climbs to the repository root: from ..x import y
-                first = (node.module or "").split(".")[0]
-                names.update([first] if first else [alias.name for alias in node.names])
-    return names
-
-
-def test_the_node_pack_imports_nothing_the_registry_archive_leaves_out():
-    found = {}
-    files = [(os.path.join(REPO_ROOT, "__init__.py"), 0)]
-    for folder in ("nodes", "consistentid_core"):
-        files += [(os.path.join(REPO_ROOT, folder, name), 1)
-                  for name in sorted(os.listdir(os.path.join(REPO_ROOT, folder))) if name.endswith(".py")]
-    for path, depth in files:
-        wrong = _imported_top_levels(path, depth) & DEVELOPMENT_PACKAGES
-        if wrong:
-            found[os.path.relpath(path, REPO_ROOT)] = sorted(wrong)
-    assert found == {}
-
-
 def test_the_default_merge_at_is_the_official_merge_step():
-    from consistentid_core import conditioning
+    from consistentid_core import constants
 
-    steps, merge_step = conditioning.OFFICIAL_STEPS, conditioning.OFFICIAL_MERGE_STEP
+    steps, merge_step = constants.OFFICIAL_STEPS, constants.OFFICIAL_MERGE_STEP
     assert (steps, merge_step) == (50, 30)  # spec §2.1: 50 steps, start_merge_step 30
-    assert conditioning.DEFAULT_MERGE_AT == (merge_step + 1) / steps == 0.62
+    assert constants.DEFAULT_MERGE_AT == (merge_step + 1) / steps == 0.62
     # ComfyUI's normal scheduler puts step i of n at i/(n-1) of the schedule: the default falls
     # strictly between the last text-only step and the first facial one.
-    assert merge_step / (steps - 1) < conditioning.DEFAULT_MERGE_AT < (merge_step + 1) / (steps - 1)
+    assert merge_step / (steps - 1) < constants.DEFAULT_MERGE_AT < (merge_step + 1) / (steps - 1)
 
 
 def test_example_workflows_use_the_default_merge_at():
-    from consistentid_core.conditioning import DEFAULT_MERGE_AT
+    from consistentid_core.constants import DEFAULT_MERGE_AT
     from tools import example_workflows
 
     assert example_workflows.MERGE_AT == DEFAULT_MERGE_AT
     for name, build in example_workflows.WORKFLOWS.items():
         with open(os.path.join(example_workflows.API_DIR, f"{name}_api.json")) as f:
-            assert json.load(f) == build(), f"tests/workflows/{name}_api.json is not what tools/example_workflows.py writes"
+            assert json.load(f) == build(), f"example_workflows/api/{name}_api.json is not what tools/example_workflows.py writes"
 
 
 # --- inside ComfyUI -----------------------------------------------------------------------------
@@ -212,7 +180,7 @@ def test_only_the_attribute_node_is_experimental(node_infos):
 
 @pytest.mark.comfyui
 def test_every_merge_at_has_the_core_default(comfy, node_infos):
-    default = comfy.pack_submodule("consistentid_core.conditioning").DEFAULT_MERGE_AT
+    default = comfy.pack_submodule("consistentid_core.constants").DEFAULT_MERGE_AT
     defaults = {node_id: _inputs(info)["merge_at"].get("default") for node_id, info in node_infos.items()
                 if "merge_at" in _inputs(info)}
     assert set(defaults) == {"ConsistentIDApply", "ConsistentIDConditioning"}

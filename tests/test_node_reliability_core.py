@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from consistentid_core import face_parser, insightface_models
-from consistentid_core.conditioning import merge_fraction
+from consistentid_core.face import insightface_models
+from consistentid_core.face import parser as face_parser
+from consistentid_core.prompt.conditioning import merge_fraction
 from consistentid_core.errors import PromptError
-from consistentid_core.face_analysis import get_face_analysis
-from consistentid_core.face_pipeline import encode_references
-from consistentid_core.id_attention import (
+from consistentid_core.face.analysis import get_face_analysis
+from consistentid_core.face.pipeline import encode_references
+from consistentid_core.model.id_attention import (
     IDPatchSettings, IDProjections, id_attention_delta, mask_for_batch, normalise_mask, sdpa_attention,
 )
 from consistentid_core.memo import ModelCache, release_model_caches

@@ -5,22 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from consistentid_core import parsing
+from consistentid_core.face import labels
 from consistentid_core.errors import InputImageError, ModelFileError
-from consistentid_core.parsing import (
-    CLIP_MEAN,
-    CLIP_STD,
-    clip_mean_image,
-    colorize_labels,
-    label_masks,
-    overlay,
-    pad_regions,
-    parse_image,
-    region_group,
-    region_images,
-    region_masks,
-    select_regions,
-)
+from consistentid_core.constants import CLIP_MEAN, CLIP_STD
+from consistentid_core.face.labels import colorize_labels, overlay, region_group
+from consistentid_core.face.parser import parse_image
+from consistentid_core.face.parsing import clip_mean_image, label_masks, pad_regions, region_images, region_masks, select_regions
 
 FACE_BOX = (10, 55, 14, 51)  # rows 10..54, cols 14..50 -> 45 x 37 pixels
 
@@ -222,15 +212,15 @@ def test_colorize_and_overlay():
     colours = colorize_labels(lm)
     assert colours.shape == (2, 2, 3) and colours.dtype == np.uint8
     assert colours[0, 0].tolist() == [0, 0, 0]
-    assert colours[1, 0].tolist() == parsing.PALETTE[4].tolist()
-    assert colours[1, 1].tolist() == parsing.PALETTE[18].tolist()
+    assert colours[1, 0].tolist() == labels.PALETTE[4].tolist()
+    assert colours[1, 1].tolist() == labels.PALETTE[18].tolist()
 
     photo = np.full((4, 4, 3), 100, dtype=np.uint8)
     out = overlay(photo, lm, alpha=0.5)
     assert out.shape == (4, 4, 3)
     # Nearest-neighbour stretch: the top-left 2x2 block is background and stays untouched.
     assert out[:2, :2].tolist() == photo[:2, :2].tolist()
-    expected = np.rint(100 * 0.5 + parsing.PALETTE[1].astype(float) * 0.5).astype(int).tolist()
+    expected = np.rint(100 * 0.5 + labels.PALETTE[1].astype(float) * 0.5).astype(int).tolist()
     assert out[0, 3].tolist() == expected
     assert np.array_equal(overlay(photo, lm, alpha=0.0), photo)
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from clip_vocab import sd15_tokenizer
-from consistentid_core.conditioning import build_conditioning
+from consistentid_core.prompt.conditioning import build_conditioning
 from consistentid_core.embeds import FaceEmbeds
 from consistentid_core.errors import EmbedsError, PromptError
-from consistentid_core.models import FacialEncoder
-from consistentid_core.region_control import RegionStrengths, mix_regions
-from consistentid_core.text import CAPTION_SD15
+from consistentid_core.model.networks import FacialEncoder
+from consistentid_core.prompt.region_control import RegionStrengths, mix_regions
+from consistentid_core.prompt.text import CAPTION_SD15
 from test_conditioning import FakeTextEncoder
 from numeric import SAME_MATH_FP32, assert_close
 

@@ -7,7 +7,7 @@ import pytest
 
 from tools import run_workflow
 
-WORKFLOWS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workflows")
+WORKFLOWS = run_workflow.WORKFLOW_DIR
 
 
 def _workflow(name):

@@ -8,7 +8,7 @@ import pytest
 
 from clip_vocab import VOCAB_SIZE, sd15_tokenizer, sdxl_tokenizer_2
 from consistentid_core.errors import PromptError
-from consistentid_core.text import (
+from consistentid_core.prompt.text import (
     CAPTION_SD15,
     CAPTION_SD15_OLD,
     CAPTION_SDXL,

@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from consistentid_core.attribute_branch import attribute_branch_from_extra
-from consistentid_core.attributes import ATTRIBUTE_NAMES
-from consistentid_core.checkpoint import load_checkpoint, save_checkpoint
+from consistentid_core.attributes.branch import attribute_branch_from_extra
+from consistentid_core.attributes.photos import ATTRIBUTE_NAMES
+from consistentid_core.model.checkpoint import load_checkpoint, save_checkpoint
 from consistentid_core.errors import TrainingConfigError
-from consistentid_core.parsing import LABEL_HAIR
+from consistentid_core.face.labels import LABEL_HAIR
 from training.base_models import load_base_models
 from training.config import make_config
 from training.modules import build_trainee

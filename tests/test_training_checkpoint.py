@@ -7,16 +7,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from consistentid_core.attention import build_processors
-from consistentid_core.checkpoint import (
+from training.attention_processors import build_processors
+from consistentid_core.model.checkpoint import (
     CheckpointError,
     ConsistentIDCheckpoint,
     checkpoint_state_dict,
     load_checkpoint,
     save_checkpoint,
 )
-from consistentid_core.layers import UNetLayout, layer_table
-from consistentid_core.models import FacialEncoder, ProjPlusModel
+from consistentid_core.model.layers import UNetLayout, layer_table
+from consistentid_core.model.networks import FacialEncoder, ProjPlusModel
 from training_standins import one_cpu_thread  # noqa: F401
 
 TINY = UNetLayout((32, 64, 64), (True, True, False), (1, 1, 1), 64, layers_per_block=1)

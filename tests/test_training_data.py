@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from consistentid_core.errors import TrainingDataError
-from consistentid_core.text import CAPTION_SD15, FACIAL_MARKER
+from consistentid_core.prompt.text import CAPTION_SD15, FACIAL_MARKER
 from training.dataset import ConsistentIDDataset
 from training.manifest import load_entries, read_embedding, report_captions, write_embedding
 from training.prepare_data import main as prepare_main
@@ -52,7 +52,7 @@ def test_prepare_resumes_without_redoing_finished_photos(tiny_world, tmp_path):
     shutil.copytree(tiny_world.data, data)
     os.remove(data / "parsing" / "face_02_png.png")  # as if interrupted while writing this photo
     parser = TinyFaceParser()
-    from consistentid_core.face_analysis import get_face_analysis
+    from consistentid_core.face.analysis import get_face_analysis
 
     analysis = get_face_analysis(os.path.join(tiny_world.insightface, "models", "buffalo_l"), ["CPUExecutionProvider"])
     report = prepare_dataset(tiny_world.photos, str(data), analysis, parser, progress=False)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from consistentid_core.attention import ConsistentIDIPAttnProcessor, install_processors
-from consistentid_core.layers import SD15_LAYOUT, SDXL_LAYOUT, UNetLayout
+from training.attention_processors import ConsistentIDIPAttnProcessor, install_processors
+from consistentid_core.model.layers import SD15_LAYOUT, SDXL_LAYOUT, UNetLayout
 from training.losses import AttentionRecorder, balanced_l1, default_blocks, localisation_loss, noise_loss, token_maps
 from training_standins import UNET, one_cpu_thread  # noqa: F401
 from numeric import DEEP_NET_FP32, assert_close

@@ -273,7 +273,7 @@ def test_a_checkpoint_damaged_inside_its_files_and_no_usable_one_left(two_checkp
 # --- item 5: the attribute stage ------------------------------------------------------------------
 
 def test_attribute_stage_refuses_resume_and_keeps_only_its_newest_snapshots(tiny_world, tmp_path):
-    from consistentid_core.checkpoint import load_checkpoint, save_checkpoint
+    from consistentid_core.model.checkpoint import load_checkpoint, save_checkpoint
     from training.attribute_stage import AttributeStage
     from training.base_models import load_base_models
     from training.modules import build_trainee
@@ -355,7 +355,7 @@ def clashing_photos(tmp_path):
 
 
 def _analysis(world):
-    from consistentid_core.face_analysis import get_face_analysis
+    from consistentid_core.face.analysis import get_face_analysis
 
     return get_face_analysis(os.path.join(world.insightface, "models", "buffalo_l"), ["CPUExecutionProvider"])
 

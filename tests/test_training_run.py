@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from consistentid_core.attention import install_processors
-from consistentid_core.checkpoint import load_checkpoint
+from training.attention_processors import install_processors
+from consistentid_core.model.checkpoint import load_checkpoint
 from consistentid_core.errors import TrainingConfigError, TrainingDataError
-from consistentid_core.layers import SD15_LAYOUT, UNetLayout
+from consistentid_core.model.layers import SD15_LAYOUT, UNetLayout
 from training.base_models import check_architecture, load_base_models
 from training.config import make_config
 from training.train import TrainingRun, main

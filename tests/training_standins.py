@@ -23,7 +23,7 @@ from PIL import Image
 
 from clip_vocab import sd15_tokenizer
 from face_standins import FixedParser
-from consistentid_core.parsing import LABEL_NECK, LABEL_NOSE, LABEL_SKIN
+from consistentid_core.face.labels import LABEL_NECK, LABEL_NOSE, LABEL_SKIN
 from tools.insightface_standins import make_buffalo_l, red_square_image
 
 CROSS_DIM = 64
@@ -179,7 +179,7 @@ CUSTOM_CAPTION = "A smiling person in a red square. The background is dark."
 def tiny_world(tmp_path_factory):
     """Tiny base model and image encoder, stand-in insightface, and a data set prepared from
     4 stand-in faces, one real photo without a face, one unreadable and one tiny image."""
-    from consistentid_core.face_analysis import get_face_analysis
+    from consistentid_core.face.analysis import get_face_analysis
     from training.prepare_data import prepare_dataset, read_captions
 
     world = TinyWorld(tmp_path_factory.mktemp("training"))

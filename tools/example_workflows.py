@@ -1,6 +1,6 @@
 """The example workflows, written once here in API form.
 
-``python tools/example_workflows.py`` writes ``tests/workflows/<name>_api.json`` (what the tests
+``python tools/example_workflows.py`` writes ``example_workflows/api/<name>_api.json`` (what the tests
 and ``tools/run_workflow.py`` run); ``tools/ui_workflows.py`` turns them into the UI-format files
 of ``example_workflows/`` that ComfyUI's frontend opens.
 """
@@ -11,7 +11,7 @@ import json
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-API_DIR = os.path.join(REPO, "tests", "workflows")
+API_DIR = os.path.join(REPO, "example_workflows", "api")
 
 SD15_CHECKPOINT = "realisticVisionV60B1_v51VAE.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
@@ -31,7 +31,7 @@ INSTANTID_CONTROLNET = "instantid/diffusion_pytorch_model.safetensors"
 PROMPT = "cinematic photo, A man, in a forest, adventuring, 50mm photograph, half-length portrait, film, bokeh, professional, 4k, highly detailed"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry"
 SDXL_NEGATIVE = "(worst quality, low quality, illustration, 3d, 2d, painting, cartoons, sketch), open mouth"
-# The nodes' default merge_at (consistentid_core.conditioning.DEFAULT_MERGE_AT: the official switch after step
+# The nodes' default merge_at (consistentid_core.prompt.conditioning.DEFAULT_MERGE_AT: the official switch after step
 # 30 of 50), written out so that this file needs no torch; tests/test_node_metadata.py checks that they agree.
 MERGE_AT = 0.62
 # Every widget of ConsistentIDApplyModel, as the frontend sends them (the attr_* ones are optional).

@@ -339,8 +339,8 @@ def clip_vision_vit_l(path) -> Path:
 def random_consistentid_state(arch: str = "sd15", seed: int = 0) -> dict:
     """The official nested layout {FacialEncoder, image_proj, adapter_modules}, built from the core's
     own modules with their default initialisation and small non-zero LoRA ups, fp32."""
-    from consistentid_core.attention import build_processors
-    from consistentid_core.models import build_facial_encoder, build_image_proj
+    from training.attention_processors import build_processors
+    from consistentid_core.model.networks import build_facial_encoder, build_image_proj
 
     torch.manual_seed(seed)
     adapter = torch.nn.ModuleList(build_processors(arch).values())
@@ -380,7 +380,7 @@ def consistentid_attributes_checkpoint(path, arch: str = "sd15") -> Path:
     dtype = _CONSISTENTID_DTYPES[arch]
 
     def build(tmp: Path) -> None:
-        from consistentid_core.attribute_branch import AttributeBranch, attribute_state_dict
+        from consistentid_core.attributes.branch import AttributeBranch, attribute_state_dict
 
         from safetensors.torch import save_file
 

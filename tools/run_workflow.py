@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python tools/run_workflow.py --image me.jpg --prompt "A man, in a forest"
 
-The workflow (default ``sd15_portrait``) comes from ``tests/workflows/<name>_api.json``.  Model
+The workflow (default ``sd15_portrait``) comes from ``example_workflows/api/<name>_api.json``.  Model
 files are looked up in ComfyUI's model folders (``extra_model_paths.yaml`` included); when one is
 missing, the command lists which file goes into which folder and stops.  ``--smoke`` runs the
 same graph on random weights built on the fly to check an install: its pictures are noise.
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOW_DIR = os.path.join(REPO_ROOT, "tests", "workflows")
+WORKFLOW_DIR = os.path.join(REPO_ROOT, "example_workflows", "api")
 PROMPT_NODES = {"ConsistentIDApply", "ConsistentIDConditioning"}
 INSIGHTFACE_FILES = ("det_10g.onnx", "w600k_r50.onnx")
 
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--image", help="reference photo of the person (required unless --smoke)")
     parser.add_argument("--prompt", default=None, help="what to draw; the workflow's prompt when omitted")
     parser.add_argument("--negative", default=None, help="negative prompt; the workflow's when omitted")
-    parser.add_argument("--workflow", default="sd15_portrait", help="name in tests/workflows (without _api.json) or a path")
+    parser.add_argument("--workflow", default="sd15_portrait", help="name in example_workflows/api (without _api.json) or a path")
     parser.add_argument("--checkpoint", help="base model file name in models/checkpoints (overrides the workflow's)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seed", type=int)

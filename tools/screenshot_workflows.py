@@ -19,7 +19,7 @@ opened from the node library's help button shows that page's text, not the front
 For each workflow it prints the node types the frontend did not know, nodes drawn with errors,
 dialogs it closed, nodes that overlap once the frontend has sized them, and every difference
 between the files and what the frontend itself makes of the loaded graph: the prompt it would
-queue against ``tests/workflows/<name>_api.json``, and the slots, widget values and links it would
+queue against ``example_workflows/api/<name>_api.json``, and the slots, widget values and links it would
 save against the UI file.  The exit status is 1 when any of these turned up (the PNGs are written
 all the same, to look at).
 """
@@ -43,7 +43,7 @@ import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_DIR = os.path.join(REPO, "example_workflows")
-API_DIR = os.path.join(REPO, "tests", "workflows")
+API_DIR = os.path.join(REPO, "example_workflows", "api")
 OUT_DIR = os.path.join(REPO, "docs", "screenshots")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

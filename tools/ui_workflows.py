@@ -1,4 +1,4 @@
-"""UI-format example workflows: ``tests/workflows/<name>_api.json`` -> ``example_workflows/<name>.json``.
+"""UI-format example workflows: ``example_workflows/api/<name>_api.json`` -> ``example_workflows/<name>.json``.
 
 The API format (what ``/prompt`` takes) names every input; the UI format (LiteGraph, what
 ComfyUI's frontend saves and opens) keeps widget values as a bare list whose order the frontend
@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-API_DIR = os.path.join(REPO, "tests", "workflows")
+API_DIR = os.path.join(REPO, "example_workflows", "api")
 UI_DIR = os.path.join(REPO, "example_workflows")
 API_SUFFIX = "_api.json"
 

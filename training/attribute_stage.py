@@ -27,18 +27,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from consistentid_core.attribute_branch import AttributeBranch, attribute_branch_from_extra, attribute_state_dict
-from consistentid_core.attribute_training import (
+from consistentid_core.attributes.branch import AttributeBranch, attribute_branch_from_extra, attribute_state_dict
+from training.attribute_branch_training import (
     AttributeBatch, attribute_loss_step, attribute_optimizer, install_attribute_processors,
 )
-from consistentid_core.attributes import ATTRIBUTE_NAMES, attribute_images, attribute_regions
-from consistentid_core.checkpoint import checkpoint_state_dict, load_checkpoint, save_checkpoint
-from consistentid_core.clip_features import CLIP_TOKENS, CLIP_WIDTH, clip_pixel_values, zero_pixel_values
+from consistentid_core.attributes.photos import ATTRIBUTE_NAMES, attribute_images, attribute_regions
+from consistentid_core.model.checkpoint import checkpoint_state_dict, load_checkpoint, save_checkpoint
+from consistentid_core.face.clip_features import CLIP_TOKENS, CLIP_WIDTH, clip_pixel_values, zero_pixel_values
 from consistentid_core.errors import TrainingConfigError
 
+from .accelerator import make_accelerator
 from .base_models import check_architecture, load_base_models
 from .config import TrainConfig
-from .dataset import ConsistentIDDataset, EpochSampler, _open, read_label_map
+from .dataset import ConsistentIDDataset, EpochSampler, open_image, read_label_map
 from .disk import remove, replacing, write_errors
 from .manifest import load_entries
 from .modules import build_trainee
@@ -70,7 +71,7 @@ class AttributeDataset(Dataset):
         regions = attribute_regions(read_label_map(entry.labels))
         pixels, valid = zero_pixel_values(SLOTS), torch.zeros(SLOTS, dtype=torch.bool)
         if regions:
-            image = _open(entry.image, "image").convert("RGB")
+            image = open_image(entry.image, "image").convert("RGB")
             for name, picture in zip(regions, attribute_images(image, regions, self.crop_mode)):
                 slot = ATTRIBUTE_NAMES.index(name)
                 pixels[slot], valid[slot] = clip_pixel_values(picture), True
@@ -91,8 +92,6 @@ class AttributeStage:
             raise TrainingConfigError(
                 "the attribute stage trains on top of identity weights: set init_from to a ConsistentID file "
                 "(the official ConsistentID-v1.bin / ConsistentID_SDXL-v1.bin, or one you trained)")
-        from .train import make_accelerator
-
         self.config = config
         self.snapshots: list[str] = []  # the snapshot folders this run wrote, oldest first
         self.accelerator = accelerator = make_accelerator(config)

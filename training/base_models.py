@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from consistentid_core.clip_features import CLIP_TOKENS, CLIP_WIDTH, KNOWN_WIDTHS
+from consistentid_core.face.clip_features import CLIP_TOKENS, CLIP_WIDTH, KNOWN_WIDTHS
 from consistentid_core.errors import TrainingConfigError
-from consistentid_core.layers import ARCH_LABEL, LAYOUTS, UNetLayout
+from consistentid_core.model.layers import ARCH_LABEL, LAYOUTS, UNetLayout
 
 logger = logging.getLogger("consistentid.training")
 

@@ -14,15 +14,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from consistentid_core.clip_features import clip_pixel_values, zero_pixel_values
+from consistentid_core.constants import ID_DIM
+from consistentid_core.face.clip_features import clip_pixel_values, zero_pixel_values
 from consistentid_core.errors import InputImageError, TrainingDataError
-from consistentid_core.parsing import MAX_REGIONS, WITHOUT_BACKGROUND, label_masks, region_images, select_regions
-from consistentid_core.text import CAPTION_SD15, second_encoder_ids
+from consistentid_core.face.labels import WITHOUT_BACKGROUND
+from consistentid_core.face.parsing import MAX_REGIONS, label_masks, region_images, select_regions
+from consistentid_core.prompt.text import CAPTION_SD15, second_encoder_ids
 
 from .manifest import Entry, read_embedding
 from .texts import empty_prompt, training_prompt
 
-ID_DIM = 512
 
 
 def square_fit(image: Image.Image, size: int, resample) -> Image.Image:
@@ -36,7 +37,7 @@ def square_fit(image: Image.Image, size: int, resample) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _open(path: str, what: str) -> Image.Image:
+def open_image(path: str, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
@@ -46,7 +47,7 @@ def _open(path: str, what: str) -> Image.Image:
 
 
 def read_label_map(path: str) -> np.ndarray:
-    labels = np.asarray(_open(path, "label map"))
+    labels = np.asarray(open_image(path, "label map"))
     if labels.ndim != 2:
         raise TrainingDataError(f"label map {path} has shape {labels.shape}; expected a single-channel label PNG")
     return labels
@@ -88,7 +89,7 @@ class ConsistentIDDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
-        image = _open(entry.image, "image").convert("RGB")
+        image = open_image(entry.image, "image").convert("RGB")
         labels = read_label_map(entry.labels)
         try:
             masks = label_masks(labels)

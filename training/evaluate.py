@@ -48,7 +48,7 @@ def load_models(facesim: str = "sface", facesim_dir=None, parser=None, dino=None
     parser_net = None
     if parser is not None:
         from consistentid_core.errors import ModelFileError
-        from consistentid_core.face_parser import load_face_parser
+        from consistentid_core.face.parser import load_face_parser
 
         if not os.path.isfile(parser):
             raise EvaluationError(f"face parser file {parser} does not exist (--parser); expected the 19-class "

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from consistentid_core.attention import ConsistentIDIPAttnProcessor
-from consistentid_core.layers import UNetLayout, cross_attention_layers
+from training.attention_processors import ConsistentIDIPAttnProcessor
+from consistentid_core.model.layers import UNetLayout, cross_attention_layers
 
 EPS = 1e-5
 # Spec §3.3: the middle five attention blocks for SD1.5, the middle three for SDXL.

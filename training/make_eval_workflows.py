@@ -7,7 +7,7 @@ Usage::
 Writes into ``--out``:
 
 * ``workflows/<identity>__p<NN>__s<seed>.json``: the template (default
-  ``tests/workflows/sd15_portrait_api.json``) with the reference photo in ``LoadImage``, the prompt
+  ``example_workflows/api/sd15_portrait_api.json``) with the reference photo in ``LoadImage``, the prompt
   in ``ConsistentIDApply``'s ``text``, the seed in every ``KSampler`` and a ``SaveImage`` prefix
   ``<prefix>/<identity>/p<NN>_s<seed>``;
 * ``input/<prefix>/<identity>.<ext>``: copies of the reference photos; copy the ``input`` folder's
@@ -37,7 +37,7 @@ from .evaluation.prompts import fill
 logger = logging.getLogger("consistentid.evaluate")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TEMPLATE = os.path.join(REPO_ROOT, "tests", "workflows", "sd15_portrait_api.json")
+DEFAULT_TEMPLATE = os.path.join(REPO_ROOT, "example_workflows", "api", "sd15_portrait_api.json")
 DEFAULT_PREFIX = "consistentid_eval"
 DEFAULT_SEEDS = (2024,)
 

@@ -25,8 +25,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
 from tqdm.auto import tqdm
 
+from consistentid_core.constants import ID_DIM
 from consistentid_core.errors import TrainingDataError
-from consistentid_core.parsing import NUM_LABELS
+from consistentid_core.face.labels import NUM_LABELS
 
 from .texts import DEFAULT_CAPTION, caption_issue
 
@@ -38,7 +39,6 @@ EMBED_FIELDS = ("id_embed_file_resize", "id_embed_file_origin")
 CAPTION_FIELD = "vqa_llva"
 FACIAL_CAPTION_FIELD = "vqa_llva_more_face_detail"
 SOURCE_FIELD = "source"
-ID_DIM = 512
 EMBED_KEY = "id_embed"
 LABEL_MODES = ("L", "P", "I", "I;16")
 

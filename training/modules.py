@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from consistentid_core.attention import install_processors
-from consistentid_core.checkpoint import ConsistentIDCheckpoint
-from consistentid_core.layers import LAYOUTS, UNetLayout
-from consistentid_core.models import FacialEncoder, ProjPlusModel, build_facial_encoder, build_image_proj
+from training.attention_processors import install_processors
+from consistentid_core.model.checkpoint import ConsistentIDCheckpoint
+from consistentid_core.model.layers import LAYOUTS, UNetLayout
+from consistentid_core.model.networks import FacialEncoder, ProjPlusModel, build_facial_encoder, build_image_proj
 
 from .base_models import BaseModels
 

@@ -30,10 +30,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from consistentid_core.errors import ConsistentIDError, InputImageError, TrainingDataError
-from consistentid_core.face_analysis import detect_faces, face_id_embedding, find_insightface_model_dir
-from consistentid_core.face_analysis import get_face_analysis, select_face
-from consistentid_core.face_parser import load_face_parser
-from consistentid_core.parsing import parse_image
+from consistentid_core.face.analysis import detect_faces, face_id_embedding, find_insightface_model_dir
+from consistentid_core.face.analysis import get_face_analysis, select_face
+from consistentid_core.face.parser import load_face_parser
+from consistentid_core.face.parser import parse_image
 
 from .dataset import square_fit
 from .disk import write_errors

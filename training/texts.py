@@ -9,7 +9,7 @@ are the core's, so a noun marked in training is marked the same way at inference
 
 from __future__ import annotations
 
-from consistentid_core.text import (
+from consistentid_core.prompt.text import (
     CAPTION_SD15,
     CAPTION_SDXL,
     FACIAL_MARKER,
@@ -17,6 +17,8 @@ from consistentid_core.text import (
     MAX_LENGTH,
     FacialPrompt,
     align_caption,
+    encode_ids,
+    facial_token_ids,
     marked_tokenizer,
 )
 
@@ -33,10 +35,6 @@ def split_first_sentence(caption: str) -> tuple[str, str]:
     return head, tail if dot else ""
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
-
-
 def assemble_text(caption: str, aligned: str, tokenizer) -> tuple[str, bool]:
     """The training text and whether the caption-last fallback was needed.
 
@@ -47,24 +45,9 @@ def assemble_text(caption: str, aligned: str, tokenizer) -> tuple[str, bool]:
         return caption, False
     first, rest = split_first_sentence(caption)
     text = "Caption:" + first + " Detail:" + aligned + rest[:-1]
-    if len(_encode(tokenizer, text)) <= MAX_LENGTH:
+    if len(encode_ids(tokenizer, text)) <= MAX_LENGTH:
         return text, False
     return "Detail:" + aligned + " Caption:" + caption, True
-
-
-def _ids_and_mask(tokenizer, text: str, facial_id: int) -> tuple[list[int], list[bool], bool]:
-    ids: list[int] = []
-    mask: list[bool] = []
-    for token in _encode(tokenizer, text):
-        if token == facial_id:
-            mask[-1] = True
-        else:
-            ids.append(token)
-            mask.append(False)
-    if len(ids) > MAX_LENGTH:
-        return ids[:MAX_LENGTH], mask[:MAX_LENGTH], True
-    pad = MAX_LENGTH - len(ids)
-    return ids + [int(tokenizer.pad_token_id)] * pad, mask + [False] * pad, False
 
 
 def training_prompt(caption: str, facial_caption: str, parts, tokenizer) -> FacialPrompt:
@@ -82,7 +65,7 @@ def training_prompt(caption: str, facial_caption: str, parts, tokenizer) -> Faci
     text, fallback = assemble_text(caption, aligned, tok)
     if FACIAL_MARKER not in text:
         kept = []
-    ids, mask, truncated = _ids_and_mask(tok, text, facial_id)
+    ids, mask, truncated = facial_token_ids(tok, text, facial_id)
     positions = [i for i, marked in enumerate(mask) if marked]
     return FacialPrompt(
         input_ids=ids,
@@ -102,7 +85,7 @@ def empty_prompt(tokenizer) -> FacialPrompt:
     """The dropped-text condition: "" with no facial tokens (the 10 % unconditional samples)."""
     tok = marked_tokenizer(tokenizer)
     facial_id = int(tok.convert_tokens_to_ids(FACIAL_MARKER))
-    ids, mask, _ = _ids_and_mask(tok, "", facial_id)
+    ids, mask, _ = facial_token_ids(tok, "", facial_id)
     return FacialPrompt(ids, mask, "", "", [], [], 0, False, False, facial_id)
 
 

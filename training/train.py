@@ -20,9 +20,11 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
-from consistentid_core.checkpoint import load_checkpoint, save_checkpoint
+from consistentid_core.model.checkpoint import load_checkpoint, save_checkpoint
 from consistentid_core.errors import CheckpointError, ConsistentIDError, TrainingConfigError
 
+from .accelerator import is_out_of_memory, make_accelerator
+from .attribute_stage import train_attributes
 from .base_models import check_architecture, describe_layout, load_base_models
 from .config import TrainConfig, parse_args
 from .dataset import ConsistentIDDataset, EpochSampler
@@ -48,31 +50,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     validation: dict = field(default_factory=dict)
     main_process: bool = True
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
-
-
-def make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
-    project = ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs"))
-    try:
-        return Accelerator(
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            mixed_precision=config.mixed_precision,
-            log_with=None if config.report_to == "none" else config.report_to,
-            project_config=project,
-            # Steps whose samples all had their text dropped leave the facial fusion unused.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
-    except (ValueError, RuntimeError) as exc:
-        raise TrainingConfigError(f"Accelerate refused the settings (mixed_precision={config.mixed_precision}, "
-                                  f"report_to={config.report_to}): {exc}") from exc
 
 
 class TrainingRun:
@@ -345,8 +322,6 @@ def main(argv=None) -> int:
     try:
         config = parse_args(argv)
         if config.stage == "attributes":
-            from .attribute_stage import train_attributes
-
             done = train_attributes(config)
             print(f"trained the attribute branch {done.global_step} steps; ConsistentID weights with it: "
                   f"{done.weights_path}")

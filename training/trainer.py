@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from consistentid_core.clip_features import CLIP_TOKENS, CLIP_WIDTH
-from consistentid_core.parsing import MAX_REGIONS
+from consistentid_core.face.clip_features import CLIP_TOKENS, CLIP_WIDTH
+from consistentid_core.face.parsing import MAX_REGIONS
 
 from .base_models import BaseModels
 from .losses import AttentionRecorder, localisation_loss, noise_loss

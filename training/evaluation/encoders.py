@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from consistentid_core.errors import EvaluationError
-from consistentid_core.parsing import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from consistentid_core.constants import CLIP_MEAN, CLIP_STD
+from consistentid_core.face.parser import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("consistentid.evaluate")
 

@@ -5,7 +5,7 @@ definition used here is:
 
 1. **Parsing.**  Each image (reference and generated, separately) is parsed by the same 19-class
    BiSeNet that ConsistentID conditions on, with the official pre-processing
-   (:func:`consistentid_core.parsing.parse_image`: the whole frame squashed to 512x512).
+   (:func:`consistentid_core.face.parser.parse_image`: the whole frame squashed to 512x512).
 2. **Parts.**  ``label_masks`` turns the label map into filled-contour masks (as the pipeline
    does).  The eight parts of the official key list are kept, *both* members of each pair (Face,
    Left_Eye, Right_Eye, Left_Ear, Right_Ear, Nose, Upper_Lip, Lower_Lip), unlike the pipeline's
@@ -40,7 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from consistentid_core.parsing import GROUP_ORDER, label_masks, parse_image, region_group
+from consistentid_core.face.labels import GROUP_ORDER, region_group
+from consistentid_core.face.parser import parse_image
+from consistentid_core.face.parsing import label_masks
 
 PARSE_SIZE = 512
 MIN_PIXELS = 16

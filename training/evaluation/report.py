@@ -13,7 +13,7 @@ import math
 import os
 
 from consistentid_core.errors import EvaluationError
-from consistentid_core.parsing import GROUP_ORDER
+from consistentid_core.face.labels import GROUP_ORDER
 
 logger = logging.getLogger("consistentid.evaluate")
 

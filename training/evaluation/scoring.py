@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from consistentid_core.errors import EvaluationError
-from consistentid_core.parsing import GROUP_ORDER
+from consistentid_core.face.labels import GROUP_ORDER
 
 from .facesim import face_similarity
 from .fgis import PARTS, FGISScorer
