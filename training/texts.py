@@ -19,6 +19,7 @@ from consistentid_core.prompt.text import (
     align_caption,
     encode_ids,
     facial_token_ids,
+    marked_prompt,
     marked_tokenizer,
 )
 
@@ -65,20 +66,7 @@ def training_prompt(caption: str, facial_caption: str, parts, tokenizer) -> Faci
     text, fallback = assemble_text(caption, aligned, tok)
     if FACIAL_MARKER not in text:
         kept = []
-    ids, mask, truncated = facial_token_ids(tok, text, facial_id)
-    positions = [i for i, marked in enumerate(mask) if marked]
-    return FacialPrompt(
-        input_ids=ids,
-        token_mask=mask,
-        text_only=text.replace(FACIAL_MARKER, "").replace(IMAGE_MARKER, ""),
-        text=text,
-        parts=list(kept),
-        token_positions=positions,
-        num_facial_tokens=len(positions),
-        truncated=truncated,
-        used_fallback=fallback,
-        facial_token_id=facial_id,
-    )
+    return marked_prompt(tok, text, kept, facial_id, fallback)
 
 
 def empty_prompt(tokenizer) -> FacialPrompt:

@@ -296,18 +296,23 @@ def build_facial_prompt(
             text = separator + aligned + " Caption:" + prompt
             used_fallback = True
 
-    text_only = text.replace(FACIAL_MARKER, "").replace(IMAGE_MARKER, "")
-    ids, mask, truncated = facial_token_ids(tok, text, facial_id)
-    if truncated:
+    facial_prompt = marked_prompt(tok, text, kept, facial_id, used_fallback)
+    if facial_prompt.truncated:
         logger.debug("facial prompt cut to %d tokens (EOS dropped)", MAX_LENGTH)
-    positions = [i for i, marked in enumerate(mask) if marked]
+    return facial_prompt
 
+
+def marked_prompt(tok: Any, text: str, parts, facial_id: int, used_fallback: bool = False) -> FacialPrompt:
+    """The :class:`FacialPrompt` of a text with facial markers (ids by :func:`facial_token_ids`); ``parts``
+    are the region names in slot order.  Inference and training build their prompts through this."""
+    ids, mask, truncated = facial_token_ids(tok, text, facial_id)
+    positions = [i for i, marked in enumerate(mask) if marked]
     return FacialPrompt(
         input_ids=ids,
         token_mask=mask,
-        text_only=text_only,
+        text_only=text.replace(FACIAL_MARKER, "").replace(IMAGE_MARKER, ""),
         text=text,
-        parts=list(kept),
+        parts=list(parts),
         token_positions=positions,
         num_facial_tokens=len(positions),
         truncated=truncated,
