@@ -44,6 +44,11 @@ def pytest_collection_modifyitems(session, config, items):
         items[:] = first + [item for item in items if item not in first]
 
 
+# The face-node test files (test_comfy_face_*.py, test_comfy_model_files.py, test_comfy_embeds_files.py)
+# share one set of placed models and loaded nodes per session.
+from comfy_face_fixtures import errors, loaded, models, pack_embeds, photo_embeds  # noqa: E402,F401
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """The pack loaded into a real ComfyUI in this process (tests/comfy_harness.py); skipped without
