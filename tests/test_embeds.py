@@ -496,3 +496,33 @@ def test_numbered_save_refuses_escapes(tmp_path):
     for bad in ("../x", "/tmp/x", ""):
         with pytest.raises(EmbedsError):
             save_numbered_embeds(make([["Face"]]), str(tmp_path / "out"), bad)
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on '
+                 'device" })'),  # how safetensors reports it
+])
+def test_a_full_disk_is_named_with_the_folder_and_the_room_and_leaves_no_file(tmp_path, monkeypatch, failure):
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(EmbedsError, match=r"no room to save embeds in .*: .* free, about .* needed\. Free some space"):
+        save_numbered_embeds(make([["Face"]]), str(tmp_path), "anna")
+    with pytest.raises(EmbedsError, match=str(tmp_path)):
+        save_embeds(make([["Face"]]), str(tmp_path / "bob.safetensors"))
+    assert list(tmp_path.iterdir()) == []  # no half-written or temporary file stays
+
+
+def test_other_write_failures_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    with pytest.raises(PermissionError):
+        save_embeds(make([["Face"]]), str(tmp_path / "bob.safetensors"))

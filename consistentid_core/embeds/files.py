@@ -12,6 +12,7 @@ import tempfile
 
 import torch
 
+from ..disk import free_bytes, human_bytes, is_disk_full
 from ..errors import EmbedsError
 from .face_embeds import FORMAT_TAG, FORMAT_VERSION, FaceEmbeds, _FLOAT_FIELDS, _REQUIRED_TENSORS
 
@@ -42,14 +43,32 @@ def _write_temporary(embeds: FaceEmbeds, directory: str) -> str:
         "sources": json.dumps(embeds.sources),
         "checkpoint": embeds.checkpoint,
     }
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=EXTENSION, dir=directory)
+    needed = sum(t.element_size() * t.nelement() for t in tensors.values())
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=EXTENSION, dir=directory)
+    except OSError as exc:
+        raise _disk_full(exc, directory, needed) or exc
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-    except BaseException:
+    except BaseException as exc:
         _remove_quietly(tmp)
+        full = _disk_full(exc, directory, needed)
+        if full is not None:
+            raise full from exc
         raise
     return tmp
+
+
+def _disk_full(exc: BaseException, directory: str, needed: int) -> EmbedsError | None:
+    """The named error for a full disk or quota while saving into ``directory``; None for other failures."""
+    if not is_disk_full(exc):
+        return None
+    free = free_bytes(directory)
+    room = "unknown free space" if free is None else f"{human_bytes(free)} free"
+    return EmbedsError(f"no room to save embeds in {directory}: {room}, about {human_bytes(needed)} needed. "
+                       "Free some space on that disk, or save somewhere else (another filename_prefix folder "
+                       "or ComfyUI's --output-directory)")
 
 
 def _remove_quietly(path: str) -> None:
