@@ -181,6 +181,28 @@ def test_partial_or_misshaped_branch_names_the_key():
         attribute_branch_from_extra(attribute_state_dict(AttributeBranch("sd15", depth=1)), TINY_LAYOUT)
 
 
+def test_crafted_branch_sizes_are_refused_before_anything_is_built(monkeypatch):
+    flat = attribute_state_dict(AttributeBranch(TINY_LAYOUT))
+    # A layer number of ten million: the depth it implies is refused from the key alone.
+    deep = dict(flat, **{"attribute_proj.layers.9999999.0.to_q.weight": torch.zeros(1, 1)})
+    with pytest.raises(CheckpointError, match=r"claims depth = 10000000 \(at most 32 is accepted\)"):
+        attribute_branch_from_extra(deep, TINY_LAYOUT, source="crafted.safetensors")
+    # Sizes within the limits but shapes that do not fit: refused from meta tensors, nothing real is allocated.
+    built_on = []
+    original = AttributeBranch.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built_on.append(torch.empty(0).device.type)  # the default device while this branch is built
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AttributeBranch, "__init__", recording_init)
+    wide = dict(flat, **{"attribute_proj.queries": torch.zeros(1, 4, 999)})
+    with pytest.raises(CheckpointError, match=r"attribute_proj\.queries has shape"):
+        attribute_branch_from_extra(wide, TINY_LAYOUT)
+    assert built_on == ["meta"]
+    assert attribute_branch_from_extra(flat, TINY_LAYOUT) is not None and built_on == ["meta", "meta", "cpu"]
+
+
 def test_checkpoint_with_and_without_the_branch(tmp_path):
     official = flatten(random_official_state("sd15", fill=0.01))
     branch = _randomised(AttributeBranch("sd15", depth=2), seed=3)

@@ -34,6 +34,9 @@ BRANCH_PREFIX = "attribute_"  # what checkpoint.py keeps in ``extra``
 DIM_HEAD = 64
 DEFAULT_TOKENS = 4
 DEFAULT_DEPTH = 4
+# What a file may claim, far above any trained branch: a crafted header must not make the loader
+# build millions of layers before a shape check can refuse it.
+MAX_BRANCH_SIZES = {"num_tokens": 256, "num_slots": 64, "depth": 32, "heads": 64}
 
 
 class AttributeResampler(nn.Module):
@@ -152,8 +155,13 @@ def _hyperparameters(state: Mapping[str, torch.Tensor], source: str) -> dict:
     layer_ids = {int(k[len(PROJ_PREFIX + "layers."):].split(".", 1)[0])
                  for k in state if k.startswith(PROJ_PREFIX + "layers.") and k[len(PROJ_PREFIX + "layers."):][:1].isdigit()}
     heads = int(state[PROJ_PREFIX + "layers.0.0.to_q.weight"].shape[0]) // DIM_HEAD
-    return {"num_tokens": int(queries.shape[1]), "num_slots": int(slots.shape[0]),
-            "depth": 1 + max(layer_ids), "heads": max(1, heads)}
+    sizes = {"num_tokens": int(queries.shape[1]), "num_slots": int(slots.shape[0]),
+             "depth": 1 + max(layer_ids), "heads": max(1, heads)}
+    for name, value in sizes.items():
+        if value > MAX_BRANCH_SIZES[name]:
+            raise _fail(source, f"its attribute branch claims {name} = {value} (at most {MAX_BRANCH_SIZES[name]} "
+                                "is accepted); the file is damaged or not a ConsistentID attribute branch")
+    return sizes
 
 
 def attribute_branch_from_extra(extra: Mapping[str, torch.Tensor], layout: UNetLayout | str,
@@ -165,8 +173,10 @@ def attribute_branch_from_extra(extra: Mapping[str, torch.Tensor], layout: UNetL
     state = {k: v for k, v in extra.items() if k.startswith(BRANCH_PREFIX)}
     if not state:
         return None
-    branch = AttributeBranch(layout, **_hyperparameters(state, source))
-    expected = branch.state_dict()
+    hyperparameters = _hyperparameters(state, source)
+    # Shapes first, on the meta device: sizes read from a crafted file must not allocate anything.
+    with torch.device("meta"):
+        expected = AttributeBranch(layout, **hyperparameters).state_dict()
     for key, tensor in expected.items():
         if key not in state:
             raise _fail(source, f"missing key {key}")
@@ -175,6 +185,7 @@ def attribute_branch_from_extra(extra: Mapping[str, torch.Tensor], layout: UNetL
     unexpected = [k for k in state if k not in expected]
     if unexpected:
         raise _fail(source, f"unexpected key {unexpected[0]} ({len(unexpected)} in all)")
+    branch = AttributeBranch(layout, **hyperparameters)
     branch.load_state_dict({k: v.float() for k, v in state.items()})
     return branch.eval().requires_grad_(False)
 
