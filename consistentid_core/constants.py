@@ -40,3 +40,6 @@ boundary for any schedule."""
 # The pack's limits on the strengths (the official value of each is 1.0).
 MAX_WEIGHT = 3.0
 MAX_LORA_STRENGTH = 2.0
+# A region prompt's strength inside its mask (ConsistentIDConditioning's mask_strength), with the range of
+# the host's own masked conditioning (ComfyUI's Conditioning (Set Mask): 0..10, default 1).
+MAX_MASK_STRENGTH = 10.0

@@ -34,14 +34,16 @@ class ConsistentIDApplyModel(io.ComfyNode):
                                tooltip=f"strength of the identity tokens, 0..{MAX_WEIGHT:g} (official: 1.0)"),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=MAX_LORA_STRENGTH, step=0.05,
                                tooltip=f"strength of ConsistentID's attention LoRA, 0..{MAX_LORA_STRENGTH:g} "
-                                       "(official: 1.0)"),
+                                       "(official: 1.0); a model that has it already (from an earlier Apply, "
+                                       "for a second person) keeps its LoRA and this value is not used"),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="fraction of sampling where the identity tokens start (0..1, not after "
                                        "end_at; official: 0)"),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="fraction of sampling where the identity tokens stop (0..1; official: 1)"),
                 io.Mask.Input("attn_mask", optional=True,
-                              tooltip="where the identity applies (white = yes); one mask, or one per latent image"),
+                              tooltip="where the identity applies (white = yes); one mask, or one per latent image. "
+                                      "Two people: chain two Apply nodes, each with its own mask"),
                 AttributeEmbedsType.Input("attribute_embeds", optional=True,
                                           tooltip="hair, glasses, hat... from Encode Attributes (experimental); "
                                                   "needs weights trained with the attribute stage (not the "

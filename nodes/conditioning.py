@@ -1,16 +1,18 @@
 """ConsistentIDConditioning: the official text-only / facial / negative contexts as CONDITIONING.
 
 The positive gets two entries with timestep ranges, text-only before ``merge_at`` and facial
-after, so any stock sampler reproduces the official delayed switch (the "merge step").
+after, so any stock sampler reproduces the official delayed switch (the "merge step").  With a
+``mask`` both outputs are confined to that region of the picture (two people in one picture).
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..consistentid_core.constants import MAX_MASK_STRENGTH
 from ..consistentid_core.prompt.text import resolve_caption
 from .glue.inputs import CAPTION_CHOICES, MERGE_AT_TOOLTIP, merge_at_input, prompt_inputs
-from .glue.text_encoding import consistentid_conditioning
+from .glue.text_encoding import consistentid_conditioning, mask_conditioning
 from .glue.types import CATEGORY_APPLY, ConsistentIDEmbeds, ConsistentIDModel, RegionStrengthsType
 
 class ConsistentIDConditioning(io.ComfyNode):
@@ -39,6 +41,14 @@ class ConsistentIDConditioning(io.ComfyNode):
                                 tooltip="used when caption is 'custom'; must name face, eyes, ears, nose, mouth"),
                 RegionStrengthsType.Input("region_strengths", optional=True,
                                           tooltip="from ConsistentID Region Strengths; all 1.0 when not connected"),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="where in the picture this person's prompt applies (white = yes), for two "
+                                      "people in one picture: both outputs are masked as by Conditioning (Set "
+                                      "Mask); combine them with the other person's and a scene prompt. Not "
+                                      "connected: the whole picture"),
+                io.Float.Input("mask_strength", default=1.0, min=0.0, max=MAX_MASK_STRENGTH, step=0.01, optional=True,
+                               tooltip=f"strength of this prompt inside its mask, 0..{MAX_MASK_STRENGTH:g}, against "
+                                       "other prompts that cover the same place (used only with mask)"),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive",
@@ -52,8 +62,11 @@ class ConsistentIDConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, consistentid, embeds, text, negative_text, caption, merge_at, emphasis,
-                custom_caption="", region_strengths=None) -> io.NodeOutput:
+                custom_caption="", region_strengths=None, mask=None, mask_strength=1.0) -> io.NodeOutput:
         chosen = resolve_caption(caption, custom_caption, consistentid.arch)
         positive, negative = consistentid_conditioning(clip, consistentid, embeds, text, negative_text, chosen, merge_at,
                                                        emphasis, region_strengths)
+        if mask is not None:
+            positive = mask_conditioning(positive, mask, mask_strength)
+            negative = mask_conditioning(negative, mask, mask_strength)
         return io.NodeOutput(positive, negative)

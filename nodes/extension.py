@@ -10,12 +10,15 @@ from .conditioning import ConsistentIDConditioning
 from .embeds_io import ConsistentIDCombineEmbeds, ConsistentIDLoadEmbeds, ConsistentIDSaveEmbeds
 from .encode import ConsistentIDEncodeFace, ConsistentIDFaceParse
 from .glue.folders import register_model_folders
+from .inpaint import ConsistentIDFaceMask
 from .loaders import ConsistentIDFaceAnalysisLoader, ConsistentIDFaceParserLoader, ConsistentIDModelLoader
 from .one_node import ConsistentIDApply
 from .region_control import ConsistentIDFaceKeypoints, ConsistentIDRegionMix, ConsistentIDRegionStrengths
 from .sampler import ConsistentIDKSampler, ConsistentIDMergeStep
+from .unified_loader import ConsistentIDUnifiedLoader
 
 NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
+    ConsistentIDUnifiedLoader,
     ConsistentIDModelLoader,
     ConsistentIDFaceAnalysisLoader,
     ConsistentIDFaceParserLoader,
@@ -33,6 +36,7 @@ NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
     ConsistentIDRegionStrengths,
     ConsistentIDFaceKeypoints,
     ConsistentIDEncodeAttributes,
+    ConsistentIDFaceMask,
 )
 # Node ids are a permanent API: workflows saved by users refer to them.
 NODE_IDS: tuple[str, ...] = tuple(cls.__name__ for cls in NODE_CLASSES)

@@ -112,7 +112,4 @@ class ConsistentIDFaceParserLoader(io.ComfyNode):
     def execute(cls, parser_file, device) -> io.NodeOutput:
         if parser_file == NONE_FOUND:
             raise _missing("face parser", (folders.CONSISTENTID, folders.FACEXLIB), f"one of {', '.join(PARSER_FILE_NAMES)}")
-        import comfy.model_management
-
-        target = comfy.model_management.get_torch_device() if device == "auto" else "cpu"
-        return io.NodeOutput(get_face_parser(folders.resolve_parser_choice(parser_file), target))
+        return io.NodeOutput(get_face_parser(folders.resolve_parser_choice(parser_file), folders.parser_device(device)))

@@ -26,6 +26,8 @@ API_DIR = os.path.join(REPO, "example_workflows", "api")
 BUILTIN_TYPES = {
     "CheckpointLoaderSimple", "CLIPVisionLoader", "LoadImage", "ImageBatch", "EmptyLatentImage", "KSampler",
     "VAEDecode", "SaveImage", "PreviewImage", "MaskToImage", "ControlNetLoader", "ControlNetApplyAdvanced",
+    "InpaintModelConditioning", "ImageCompositeMasked",
+    "SolidMask", "MaskComposite", "InvertMask", "CLIPTextEncode", "ConditioningCombine",
 }
 NOTE_TYPES = {"Note", "MarkdownNote"}
 

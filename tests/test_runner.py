@@ -39,3 +39,17 @@ def test_unet_dtype_option_refuses_unknown_values(capsys):
     with pytest.raises(SystemExit):
         run_workflow.parse_args(["--smoke", "--comfyui", "/x", "--unet-dtype", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_face_inpaint_keeps_the_target_photo_apart_from_the_reference():
+    args = run_workflow.parse_args(["--image", "me.jpg", "--target", "group.png", "--workflow", "face_inpaint",
+                                    "--comfyui", "/x"])
+    prompt = run_workflow.customise(_workflow("face_inpaint"), args, "reference.jpg", "target.png")
+    images = {node["_meta"]["title"]: node["inputs"]["image"] for node in prompt.values()
+              if node["class_type"] == "LoadImage"}
+    assert images == {"Reference photo": "reference.jpg", "Target photo": "target.png"}
+
+
+def test_face_inpaint_without_a_target_stops_before_loading_anything(capsys):
+    assert run_workflow.main(["--image", "me.jpg", "--workflow", "face_inpaint", "--comfyui", "/nowhere"]) == 2
+    assert "--target" in capsys.readouterr().out

@@ -27,6 +27,7 @@ SDXL_ATTRIBUTE_WEIGHTS = "ConsistentID_SDXL-v1-attributes.safetensors"
 ATTRIBUTE_PHOTO = "consistentid_attributes_2.png"  # photo B: hair and glasses
 EYES_PHOTO = "consistentid_eyes_3.png"  # photo C
 POSE_PHOTO = "consistentid_pose_4.png"  # photo D
+TARGET_PHOTO = "consistentid_target.png"  # face_inpaint: the photo the face goes into
 INSTANTID_CONTROLNET = "instantid/diffusion_pytorch_model.safetensors"
 PROMPT = "cinematic photo, A man, in a forest, adventuring, 50mm photograph, half-length portrait, film, bokeh, professional, 4k, highly detailed"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry"
@@ -91,6 +92,27 @@ def sd15_portrait() -> dict:
     return graph
 
 
+def unified_loader_portrait() -> dict:
+    """The SD1.5 portrait with ConsistentID Unified Loader in place of the four loaders: it finds every file
+    by name for the model's architecture."""
+    graph = {
+        "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
+        "6": node("LoadImage", "Reference photo", image=PHOTO),
+        "2": node("ConsistentIDUnifiedLoader", "ConsistentID Unified Loader", model=link("1"), consistentid_file="auto",
+                  clip_vision_file="auto", parser_file="auto", provider="auto", parser_device="auto"),
+        "7": node("ConsistentIDEncodeFace", "Encode face", consistentid=link("2", 1), clip_vision=link("2", 2),
+                  face_analysis=link("2", 3), face_parser=link("2", 4), image=link("6"), face_select="first",
+                  combine="average", on_no_face="error", color_order="official"),
+        "13": node("PreviewImage", "Face and regions used", images=link("7", 1)),
+        "8": node("ConsistentIDApply", "Apply ConsistentID", model=link("2"), clip=link("1", 1),
+                  consistentid=link("2", 1), embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, weight=1.0,
+                  merge_at=MERGE_AT),
+    }
+    graph.update(sampling_nodes(link("8"), link("8", 1), link("8", 2), 512, 768, 50, 5.0, 2024,
+                                "ConsistentID/unified_loader"))
+    return graph
+
+
 def sd15_stock_ksampler() -> dict:
     graph = {
         "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
@@ -102,7 +124,7 @@ def sd15_stock_ksampler() -> dict:
                    merge_step=30, denoise=1.0),
         "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
                    embeds=link("7"), text=PROMPT, negative_text=NEGATIVE, caption="auto", merge_at=link("14"),
-                   emphasis="literal (official)", custom_caption=""),
+                   emphasis="literal (official)", custom_caption="", mask_strength=1.0),
     }
     graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 512, 768, 50, 5.0, 2024, "ConsistentID/sd15_ksampler"))
     return graph
@@ -117,7 +139,7 @@ def sdxl_portrait() -> dict:
                   embeds=link("7"), **APPLY_DEFAULTS),
         "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
                    embeds=link("7"), text="A woman wearing a santa hat", negative_text=SDXL_NEGATIVE, caption="auto",
-                   merge_at=MERGE_AT, emphasis="literal (official)", custom_caption=""),
+                   merge_at=MERGE_AT, emphasis="literal (official)", custom_caption="", mask_strength=1.0),
     }
     graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 864, 1152, 50, 7.5, 222, "ConsistentID/sdxl"))
     return with_merge_step_sampler(graph)
@@ -185,7 +207,8 @@ def flexid_sd15() -> dict:
         **flexid_nodes(SD15_ATTRIBUTE_WEIGHTS, "sd15 (512)"),
         "15": node("ConsistentIDConditioning", "ConsistentID conditioning", clip=link("1", 1), consistentid=link("2"),
                    embeds=link("34"), text=PROMPT, negative_text=NEGATIVE, caption="auto", merge_at=MERGE_AT,
-                   emphasis="literal (official)", custom_caption="", region_strengths=link("35")),
+                   emphasis="literal (official)", custom_caption="", region_strengths=link("35"),
+                   mask_strength=1.0),
     }
     graph.update(sampling_nodes(link("8"), link("15"), link("15", 1), 512, 768, 50, 5.0, 2024, "ConsistentID/flexid_sd15"))
     return with_merge_step_sampler(graph)
@@ -210,8 +233,88 @@ def flexid_sdxl_pose() -> dict:
     return with_merge_step_sampler(graph)
 
 
+def two_people() -> dict:
+    """Photo A on the left half and photo B on the right: an Apply and a masked Conditioning per person
+    (the second Apply keeps the first's LoRA), combined with a scene prompt for the whole picture."""
+    width, height = 768, 512
+    graph = {
+        "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
+        "6": node("LoadImage", "Photo A (left)", image=PHOTO),
+        **face_encoder_nodes(SD15_WEIGHTS),
+        "16": node("LoadImage", "Photo B (right)", image=PHOTO_2),
+        "17": node("ConsistentIDEncodeFace", "Encode B", consistentid=link("2"), clip_vision=link("3"),
+                   face_analysis=link("4"), face_parser=link("5"), image=link("16"), face_select="first",
+                   combine="average", on_no_face="error", color_order="official"),
+        "60": node("SolidMask", "Empty picture", value=0.0, width=width, height=height),
+        "61": node("SolidMask", "Half the picture", value=1.0, width=width // 2, height=height),
+        "62": node("MaskComposite", "Mask A: left half", destination=link("60"), source=link("61"), x=0, y=0,
+                   operation="add"),
+        "63": node("InvertMask", "Mask B: right half", mask=link("62")),
+        "8": node("ConsistentIDApplyModel", "Apply ConsistentID: A", model=link("1"), consistentid=link("2"),
+                  embeds=link("7"), attn_mask=link("62"), **APPLY_DEFAULTS),
+        "18": node("ConsistentIDApplyModel", "Apply ConsistentID: B (LoRA kept from A)", model=link("8"),
+                   consistentid=link("2"), embeds=link("17"), attn_mask=link("63"), **APPLY_DEFAULTS),
+        "15": node("ConsistentIDConditioning", "Prompt of A (left)", clip=link("1", 1), consistentid=link("2"),
+                   embeds=link("7"), text="A man, smiling, half-length portrait", negative_text=NEGATIVE,
+                   caption="auto", merge_at=MERGE_AT, emphasis="literal (official)", custom_caption="",
+                   mask=link("62"), mask_strength=1.0),
+        "19": node("ConsistentIDConditioning", "Prompt of B (right)", clip=link("1", 1), consistentid=link("2"),
+                   embeds=link("17"), text="A woman, smiling, half-length portrait", negative_text=NEGATIVE,
+                   caption="auto", merge_at=MERGE_AT, emphasis="literal (official)", custom_caption="",
+                   mask=link("63"), mask_strength=1.0),
+        "64": node("CLIPTextEncode", "Scene prompt (whole picture)", clip=link("1", 1),
+                   text="cinematic photo, two friends side by side in a park, 50mm photograph, film, bokeh, "
+                        "professional, 4k, highly detailed"),
+        "65": node("CLIPTextEncode", "Scene negative", clip=link("1", 1), text=NEGATIVE),
+        "66": node("ConditioningCombine", "A + B", conditioning_1=link("15"), conditioning_2=link("19")),
+        "67": node("ConditioningCombine", "Positive: A + B + scene", conditioning_1=link("66"),
+                   conditioning_2=link("64")),
+        "68": node("ConditioningCombine", "Negatives of A + B", conditioning_1=link("15", 1),
+                   conditioning_2=link("19", 1)),
+        "69": node("ConditioningCombine", "Negative: A + B + scene", conditioning_1=link("68"),
+                   conditioning_2=link("65")),
+        "70": node("PreviewImage", "Face and regions used: B", images=link("17", 1)),
+    }
+    graph["7"]["_meta"]["title"] = "Encode A"
+    graph["13"]["_meta"]["title"] = "Face and regions used: A"
+    graph.update(sampling_nodes(link("18"), link("67"), link("69"), width, height, 50, 5.0, 2024,
+                                "ConsistentID/two_people"))
+    graph["12"]["_meta"]["title"] = "Two people"
+    return graph
+
+
+def face_inpaint() -> dict:
+    """The person of the reference photo into the face of a target photo: Face Mask finds the target's face
+    (box grown and feathered), stock InpaintModelConditioning and KSampler redraw it with the identity applied,
+    and stock ImageCompositeMasked pastes the result back with the same mask, so that every pixel outside
+    the mask is the target's own."""
+    graph = {
+        "1": node("CheckpointLoaderSimple", "SD1.5 checkpoint", ckpt_name=SD15_CHECKPOINT),
+        "6": node("LoadImage", "Reference photo", image=PHOTO),
+        **face_encoder_nodes(SD15_WEIGHTS),
+        "8": node("ConsistentIDApply", "Apply ConsistentID", model=link("1"), clip=link("1", 1), consistentid=link("2"),
+                  embeds=link("7"), text="photo of a man, face, natural skin, sharp focus, highly detailed",
+                  negative_text=NEGATIVE, weight=1.0, merge_at=MERGE_AT),
+        "80": node("LoadImage", "Target photo", image=TARGET_PHOTO),
+        "81": node("ConsistentIDFaceMask", "Face mask of the target", image=link("80"), face_analysis=link("4"),
+                   face_parser=link("5"), source="box", grow=24, feather=16, face_select="largest"),
+        "82": node("PreviewImage", "Mask on the target", images=link("81", 1)),
+        "83": node("InpaintModelConditioning", "Inpaint conditioning", positive=link("8", 1), negative=link("8", 2),
+                   vae=link("1", 2), pixels=link("80"), mask=link("81"), noise_mask=True),
+    }
+    graph.update(sampling_nodes(link("8"), link("83"), link("83", 1), 512, 512, 50, 5.0, 2024,
+                                "ConsistentID/face_inpaint"))
+    del graph["9"]  # the latent is the target's, from the inpaint conditioning
+    graph["10"]["inputs"].update(latent_image=link("83", 2), denoise=0.9)
+    graph["84"] = node("ImageCompositeMasked", "Paste the new face into the target", destination=link("80"),
+                       source=link("11"), x=0, y=0, resize_source=True, mask=link("81"))
+    graph["12"]["inputs"]["images"] = link("84")
+    return graph
+
+
 WORKFLOWS = {
     "sd15_portrait": sd15_portrait,
+    "unified_loader_portrait": unified_loader_portrait,
     "sd15_stock_ksampler_merge_step": sd15_stock_ksampler,
     "sdxl_portrait": sdxl_portrait,
     "several_photos_save_embeds": save_embeds_from_several_photos,
@@ -219,6 +322,8 @@ WORKFLOWS = {
     "face_parse_preview": face_parse_preview,
     "flexid_sd15_identity_attributes_eyes": flexid_sd15,
     "flexid_sdxl_identity_attributes_eyes_pose": flexid_sdxl_pose,
+    "two_people": two_people,
+    "face_inpaint": face_inpaint,
 }
 
 

@@ -29,6 +29,7 @@ INSIGHTFACE_FILES = ("det_10g.onnx", "w600k_r50.onnx")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", help="reference photo of the person (required unless --smoke)")
+    parser.add_argument("--target", help="the photo the face is put into, for face_inpaint (required there unless --smoke)")
     parser.add_argument("--prompt", default=None, help="what to draw; the workflow's prompt when omitted")
     parser.add_argument("--negative", default=None, help="negative prompt; the workflow's when omitted")
     parser.add_argument("--workflow", default="sd15_portrait", help="name in example_workflows/api (without _api.json) or a path")
@@ -83,10 +84,18 @@ def load_workflow(name: str) -> dict:
         return json.load(f)
 
 
-def customise(prompt: dict, args, photo_name: str | None) -> dict:
+def is_target_photo(node: dict) -> bool:
+    """A LoadImage of the photo a face is put into (face_inpaint), which --image must not replace."""
+    return node["class_type"] == "LoadImage" and node.get("_meta", {}).get("title", "").startswith("Target")
+
+
+def customise(prompt: dict, args, photo_name: str | None, target_name: str | None = None) -> dict:
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "LoadImage" and photo_name:
+        if is_target_photo(node):
+            if target_name:
+                inputs["image"] = target_name
+        elif kind == "LoadImage" and photo_name:
             inputs["image"] = photo_name
         if kind in PROMPT_NODES:
             if args.prompt is not None:
@@ -155,6 +164,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("consistentid").setLevel(logging.INFO)
     prompt = load_workflow(args.workflow)
+    if not args.smoke and not args.target and any(is_target_photo(n) for n in prompt.values()):
+        print("This workflow puts the face into a photo of yours: give that photo with --target PHOTO")
+        return 2
     titles = {k: v.get("_meta", {}).get("title", v["class_type"]) for k, v in prompt.items()}
     os.makedirs(args.out, exist_ok=True)
     input_dir = tempfile.mkdtemp(prefix="consistentid-input-")
@@ -178,13 +190,16 @@ def main(argv=None) -> int:
         print(f"UNet weights in {unet_dtype} (--unet-dtype {args.unet_dtype})")
     host = ComfyHost(args.comfyui, cpu=cpu, base_directory=base, output_directory=os.path.abspath(args.out),
                      input_directory=input_dir, on_event=printer(titles), attention=attention, unet_dtype=unet_dtype)
-    photo_name = None
+    photo_name = target_name = None
     if args.smoke:
         prompt = smoke_models.prepare(host, prompt, input_dir)
     else:
         photo_name = "reference" + os.path.splitext(args.image)[1].lower()
         shutil.copy(args.image, os.path.join(input_dir, photo_name))
-    prompt = customise(prompt, args, photo_name)
+        if args.target:
+            target_name = "target" + os.path.splitext(args.target)[1].lower()
+            shutil.copy(args.target, os.path.join(input_dir, target_name))
+    prompt = customise(prompt, args, photo_name, target_name)
     missing = missing_model_files(host, prompt)
     if missing:
         print("Model files are missing. Put each file into the folder shown, then run again:")

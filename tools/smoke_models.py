@@ -27,6 +27,11 @@ CHECKPOINT = CHECKPOINTS["sd15"]
 # insightface for SD1.5 (so the photo's square must be blue) and BGR for SDXL (red); the
 # keypoint node always feeds BGR, and only the SDXL workflow has one.
 PHOTO_COLOURS = {"sd15": "blue", "sdxl": "red"}
+# face_inpaint's target photo: grey noise (no "redness" for the stand-in detector) with a red 64 px square,
+# which the face mask node (insightface's own BGR order) detects at 2x in the 640 px detector input.  Its
+# sides stay divisible by 8, so the VAE's latent covers it exactly and the composite lines up.
+TARGET_SIZE = 320
+TARGET_FACE_BOX = (128, 128, 192, 192)  # x1, y1, x2, y2 of the square: the box the detector finds
 
 
 def workflow_arch(prompt: dict) -> str:
@@ -64,12 +69,23 @@ def place_models(models_dir: str, arch: str = "sd15") -> None:
     make_buffalo_l(os.path.join(models_dir, "insightface", "models", "buffalo_l"))
 
 
+def _target_photo(path: str) -> None:
+    grey = np.random.default_rng(7).integers(0, 96, (TARGET_SIZE, TARGET_SIZE, 1), dtype=np.uint8)
+    image = np.repeat(grey, 3, axis=2)
+    x1, y1, x2, y2 = TARGET_FACE_BOX
+    image[y1:y2, x1:x2] = (255, 0, 0)
+    Image.fromarray(image).save(path)
+
+
 def shrink(prompt: dict, input_dir: str) -> dict:
-    """The workflow on the stand-ins: synthetic photos, the random checkpoint, 64 px, 2 steps."""
+    """The workflow on the stand-ins: synthetic photos, the random checkpoint, 64 px, 2 steps (an inpainting
+    target photo keeps its TARGET_SIZE: its latent comes from the photo)."""
     arch = workflow_arch(prompt)
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "LoadImage":
+        if kind == "LoadImage" and "target" in inputs["image"]:
+            _target_photo(os.path.join(input_dir, inputs["image"]))
+        elif kind == "LoadImage":
             _photo(os.path.join(input_dir, inputs["image"]), 0 if "2" not in inputs["image"] else 64,
                    PHOTO_COLOURS[arch])
         elif kind == "CheckpointLoaderSimple":

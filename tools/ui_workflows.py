@@ -70,6 +70,13 @@ DESCRIPTIONS = {
         "Apply ConsistentID patches the model and writes the prompt with the official facial caption; "
         "the facial tokens take over after 62% of sampling (merge_at), and the stock KSampler renders."
     ),
+    "unified_loader_portrait": (
+        "The SD1.5 portrait with one loader: ConsistentID Unified Loader takes the checkpoint's MODEL and finds "
+        "the ConsistentID weights of its architecture (SD1.5: ConsistentID-v1.bin, SDXL: ConsistentID_SDXL-v1.bin), "
+        "the CLIP ViT-H image encoder, insightface buffalo_l and the face parser by their names or common renamings, "
+        "in sub-folders and extra_model_paths.yaml folders too; a missing file gives one message listing every "
+        "missing file and its folder. Apply ConsistentID and the stock KSampler do the rest, as in sd15_portrait."
+    ),
     "sd15_stock_ksampler_merge_step": (
         "The same SD1.5 portrait built from the separate nodes: Apply ConsistentID Model patches the model, "
         "ConsistentID Conditioning builds the positive/negative prompt, and ConsistentID Merge Step turns "
@@ -102,9 +109,27 @@ DESCRIPTIONS = {
         "of Face Keypoints. Attributes need weights trained with the attribute stage; pose and regions work with "
         "the released ConsistentID_SDXL-v1.bin."
     ),
+    "two_people": (
+        "Two people in one picture with SD1.5: photo A on the left half, photo B on the right (SolidMask + "
+        "MaskComposite + InvertMask; draw your own masks instead if you like). Two Apply ConsistentID to Model "
+        "nodes are chained, each with its person's attn_mask, so each identity acts only in its half; the "
+        "ConsistentID LoRA comes from the first and is kept once. Each ConsistentID Conditioning is masked the same "
+        "way (text-only before merge_at, facial after, per person), and Conditioning (Combine) adds a scene prompt "
+        "for the whole picture; the stock KSampler renders."
+    ),
     "face_parse_preview": (
         "Shows what ConsistentID cuts out of a face: the face parser's coloured overlay and the five region masks "
         "(face, eye, ear, nose, lip) it uses for the facial prompt. No checkpoint needed."
+    ),
+    "face_inpaint": (
+        "The person of the reference photo into an existing photo (the target). Face Mask For Inpainting finds the "
+        "target's largest face and makes its mask: insightface's box grown by 24 px, the outer 16 px of it "
+        "feathered, exactly 0 everywhere else (source 'parser' follows the face's shape instead). Apply "
+        "ConsistentID patches a normal SD1.5 checkpoint and writes the facial prompt; ComfyUI's "
+        "InpaintModelConditioning and KSampler (denoise 0.9: lower keeps more of the target's face) redraw the "
+        "masked face; ImageCompositeMasked pastes the result into the target with the same mask, so every pixel "
+        "outside the mask is the target's own and the picture keeps the target's size. Target sides divisible by "
+        "8 fit exactly."
     ),
 }
 
@@ -490,11 +515,21 @@ def model_lines(api: dict) -> list[str]:
         elif kind == "ConsistentIDFaceAnalysisLoader":
             lines.append(f"- models/insightface/models/{inputs['model_name']}/ (the insightface {inputs['model_name']} "
                          f".onnx files)")
+        elif kind == "ConsistentIDUnifiedLoader":
+            lines += [
+                "- models/consistentid/ConsistentID-v1.bin (for SD1.5; ConsistentID_SDXL-v1.bin for SDXL)",
+                "- models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+                "- models/insightface/models/buffalo_l/ (the insightface buffalo_l .onnx files)",
+                "- models/consistentid/face_parsing.pth (BiSeNet face parser)",
+                "  (the Unified Loader also finds them in sub-folders and under common other names)",
+            ]
         elif kind == "ConsistentIDFaceParserLoader":
             lines.append(f"- models/{inputs['parser_file']} (BiSeNet face parser)")
         elif kind == "LoadImage":
             title = entry.get("_meta", {}).get("title", "")
             what = title if title.startswith("Photo ") else "a photo of the person"
+            if title.startswith("Target"):
+                what = "the photo the face goes into"
             lines.append(f"- input/{inputs['image']} ({what}; any name, pick it in the node)")
         elif kind == "ControlNetLoader":
             lines.append(f"- models/controlnet/{inputs['control_net_name']} (the InstantID ControlNet, for the pose)")

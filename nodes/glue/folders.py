@@ -62,3 +62,36 @@ def resolve_parser_choice(choice: str) -> str:
 
 def insightface_roots() -> list[str]:
     return folder_paths.get_folder_paths(INSIGHTFACE)
+
+
+# --- the unified loader: every model file by name, in every folder ComfyUI knows --------------------
+
+CLIP_VISION = "clip_vision"  # ComfyUI's own folder for image encoders
+UNIFIED_FOLDERS = (CONSISTENTID, CLIP_VISION, INSIGHTFACE, FACEXLIB)
+
+
+def model_file_listings() -> dict[str, list[str]]:
+    """Folder kind -> every file under each folder registered for it (sub-folders and
+    extra_model_paths.yaml included), relative to that folder, as ComfyUI lists them for its combos."""
+    return {kind: list(folder_paths.get_filename_list(kind)) for kind in UNIFIED_FOLDERS}
+
+
+def clip_vision_files() -> list[str]:
+    return list(folder_paths.get_filename_list(CLIP_VISION))
+
+
+def model_file_folders() -> dict[str, list[str]]:
+    """Folder kind -> the folders registered for it (where a missing file may go: the first)."""
+    return {kind: list(folder_paths.get_folder_paths(kind)) for kind in UNIFIED_FOLDERS}
+
+
+def full_path(kind: str, name: str) -> str:
+    """The file ``name`` (relative, as listed) of a folder kind, resolved the way ComfyUI's loaders do."""
+    return folder_paths.get_full_path_or_raise(kind, name.replace("/", os.sep))
+
+
+def parser_device(choice: str):
+    """The device a face parser loads on: ``auto`` = ComfyUI's compute device, else ``cpu``."""
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device() if choice == "auto" else "cpu"

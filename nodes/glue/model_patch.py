@@ -155,6 +155,51 @@ def add_lora_patches(model, ckpt, strength: float) -> int:
     return len(accepted)
 
 
+def _patch_tensors(value) -> tuple:
+    """The tensors a ComfyUI weight patch holds: a weight adapter's ``weights``, or an old-style ("lora", (...))."""
+    weights = getattr(value, "weights", None)
+    if weights is None and isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], tuple):
+        weights = value[1]
+    return tuple(w for w in weights or () if torch.is_tensor(w))
+
+
+def lora_on_model(model, ckpt) -> dict[str, float]:
+    """Weight key -> strength of every LoRA patch of this checkpoint already on ``model`` (empty when none).
+
+    Found by what the patches hold (the checkpoint's own LoRA tensors), so a LoRA added by an earlier
+    ConsistentIDApplyModel is recognised whichever patch objects carry it.
+    """
+    wanted = lora_patches(model, ckpt)
+    own = {id(t) for value in wanted.values() for t in _patch_tensors(value)}
+    found = {}
+    for k, value in wanted.items():
+        key = k if isinstance(k, str) else k[0]
+        for entry in model.patches.get(key, ()):
+            if entry[1] is value or any(id(t) in own for t in _patch_tensors(entry[1])):
+                found[key] = float(entry[0])
+    return found
+
+
+def add_lora_once(model, ckpt, strength: float) -> int:
+    """Adds the checkpoint's LoRA unless it is on the model already (a chained Apply: one LoRA, several
+    identities); returns the number of weights patched here, 0 when the earlier LoRA was kept."""
+    present = lora_on_model(model, ckpt)
+    if not present:
+        return add_lora_patches(model, ckpt, strength)
+    kept = sorted(set(present.values()))
+    expected = len(lora_patches(model, ckpt))
+    logger.info(
+        "the ConsistentID LoRA of %s is already on the incoming model (%d of %d weights, strength %s, from an "
+        "earlier Apply ConsistentID): kept once, not applied again; this node adds its ID tokens only%s",
+        ckpt.name, len(present), expected, "/".join(f"{s:g}" for s in kept),
+        "" if kept == [float(strength)] else f" (its lora_strength {strength:g} is not used)",
+    )
+    if len(present) != expected:
+        logger.warning("only %d of the %d ConsistentID LoRA weights of %s are on the incoming model; the rest are not "
+                       "added, so that no weight gets the LoRA twice", len(present), expected, ckpt.name)
+    return 0
+
+
 def id_projections(ckpt, embeds) -> IDProjections:
     """ID tokens of the identities (cond) and of the zero image (uncond), projected for every block.
 
@@ -246,6 +291,10 @@ def apply_model(model, ckpt, embeds, weight=1.0, lora_strength=1.0, start_at=0.0
                 attribute_embeds=None, attr_weight=1.0, attr_start_at=0.0, attr_end_at=1.0):
     """A patched clone of ``model``; the input model is never modified.
 
+    Applied to a model that already carries ConsistentID (two people: one Apply per identity, each
+    with its ``attn_mask``), the new ID-token patches wrap the earlier ones, and the LoRA, already
+    on the model, is kept once (see :func:`add_lora_once`).
+
     ``attribute_embeds`` (FlexID attribute photos) need a checkpoint with the attribute branch;
     their tokens get their own weight and sigma window, next to the identity tokens'.
     """
@@ -262,7 +311,7 @@ def apply_model(model, ckpt, embeds, weight=1.0, lora_strength=1.0, start_at=0.0
     attribute_projections = attribute_tokens(ckpt, attribute_embeds) if attribute_embeds is not None else None
     patched = model.clone()
     if lora_strength != 0:
-        add_lora_patches(patched, ckpt, lora_strength)
+        add_lora_once(patched, ckpt, lora_strength)
     sampling = patched.get_model_object("model_sampling")
     attribute = None
     if attribute_projections is not None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import weakref
 
-from ...consistentid_core.constants import DEFAULT_MERGE_AT
+from ...consistentid_core.constants import DEFAULT_MERGE_AT, MAX_MASK_STRENGTH
 from ...consistentid_core.errors import ArchitectureMismatchError, PromptError
 from ...consistentid_core.model.adapter import check_embeds, check_text_encoder
+from ...consistentid_core.model.id_attention import normalise_mask
 from ...consistentid_core.prompt.conditioning import build_conditioning, warn_facial_prompt_unused
 from ...consistentid_core.prompt.emphasis import strip_emphasis
 from ...consistentid_core.prompt.text import CAPTION_SD15
@@ -98,3 +100,20 @@ def consistentid_conditioning(clip, ckpt, embeds, text, negative_text, caption=C
     ]
     negative_cond = [entry(out.negative, out.pooled_negative, {})]
     return positive, negative_cond
+
+
+def mask_conditioning(conditioning, mask, strength: float = 1.0):
+    """Copies of the entries confined to ``mask``, with the keys ComfyUI's Conditioning (Set Mask) sets
+    (``mask`` [M, H, W], ``mask_strength``, ``set_area_to_bounds`` False); every other key, the
+    start/end_percent of the text-only and facial entries included, is kept.  The input entries
+    are not changed: a sampler combines the masked entries of several people with any others.
+    """
+    if not math.isfinite(float(strength)) or not 0.0 <= strength <= MAX_MASK_STRENGTH:
+        raise PromptError(f"mask_strength is {strength}; it must lie in 0..{MAX_MASK_STRENGTH:g}")
+    mask = normalise_mask(mask, "mask")
+    out = []
+    for cond, info in conditioning:
+        info = dict(info)
+        info.update(mask=mask, set_area_to_bounds=False, mask_strength=float(strength))
+        out.append([cond, info])
+    return out

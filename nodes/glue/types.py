@@ -15,7 +15,7 @@ CALLBACK_KEY = "consistentid"
 # The pack's root in the Add Node menu; every node sits in one of the sub-categories below.
 CATEGORY = "ConsistentID"
 CATEGORY_LOADERS = f"{CATEGORY}/loaders"  # weights, insightface, face parser
-CATEGORY_ENCODE = f"{CATEGORY}/encode"  # photo -> embeds, and the region preview
+CATEGORY_ENCODE = f"{CATEGORY}/encode"  # photo -> embeds, the region preview, the face mask for inpainting
 CATEGORY_EMBEDS = f"{CATEGORY}/embeds"  # save, load, combine embeds
 CATEGORY_APPLY = f"{CATEGORY}/apply"  # model patch and prompt conditioning
 CATEGORY_SAMPLING = f"{CATEGORY}/sampling"  # the merge step
