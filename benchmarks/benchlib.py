@@ -455,12 +455,6 @@ def start_comfyui(device: torch.device, base_directory: str | None = None, atten
     the matching command-line switch would choose it (None: ComfyUI's own choice).
     ``host_options`` go to ComfyHost (e.g. ``on_event``).
     """
-    # Imported before ComfyHost takes the repository root off sys.path (it protects ComfyUI's
-    # own ``nodes``); the builders import consistentid_core and the stand-ins lazily.
-    import training.attention_processors  # noqa: F401
-    import consistentid_core.model.networks  # noqa: F401
-    import tools.insightface_standins  # noqa: F401
-    import tools.random_models  # noqa: F401
     from tools.comfy_host import ComfyHost
 
     base = base_directory

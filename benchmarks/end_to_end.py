@@ -77,8 +77,6 @@ class NodeClock:
 
 def workflow_prompt(name: str, size: int, steps: int, seed: int, host, input_dir: str) -> dict:
     """The workflow as the runner's ``--smoke --width --height --steps --seed`` would queue it."""
-    # ``tools`` was imported before ComfyHost took the repository root off sys.path: its
-    # submodules still import through the package.
     from tools import run_workflow, smoke_models
 
     prompt = smoke_models.prepare(host, run_workflow.load_workflow(name), input_dir)

@@ -5,7 +5,9 @@ test that asks for a session is skipped.  Tests take the ``comfy`` fixture of te
 
 ComfyUI keeps its state in module globals (node registry, folder paths, device choice) that can
 be set up once per process only, so ``comfy_session()`` builds one ``ComfySession`` and hands the
-same object to every caller.
+same object to every caller.  ``ComfySession`` is the repository's one in-process host
+(``tools/comfy_host.ComfyHost``, which the runner and the benchmarks use too) on the CPU with its
+folders under a temporary root, plus what tests need.
 
 The pack is loaded with ``nodes.load_custom_node(<repository root>)``, just as ComfyUI loads a
 folder from ``custom_nodes``.  ComfyUI names that package after its folder path, so the pack's own
@@ -23,7 +25,6 @@ import inspect
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -32,19 +33,15 @@ from typing import Any
 
 import pytest
 
-log = logging.getLogger(__name__)
+from tools.comfy_host import REPO_ROOT, ComfyHost
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger(__name__)
 
 # Model folders created up front, so that tests can drop files into them.  ``consistentid`` and
 # ``insightface`` are not registered by ComfyUI: the pack has to register them itself, and the
 # harness deliberately does not do it for the pack (that would hide a missing registration).
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "loras", "vae", "controlnet", "consistentid", "insightface")
 PACK_MODEL_FOLDERS = ("consistentid", "insightface")
-
-# Top-level modules of ComfyUI that another package could shadow (this repository has a ``nodes``).
-COMFYUI_TOP_LEVEL = ("nodes", "execution", "folder_paths", "server", "comfy", "comfy_api", "comfy_execution",
-                     "utils", "app")
 
 # Set by .ci/run after it has provided ComfyUI: from then on a missing COMFYUI_PATH fails a test.
 REQUIRE_ENV = "CID_REQUIRE_COMFYUI"
@@ -100,165 +97,27 @@ def comfy_session(tmp_root: str | os.PathLike | None = None) -> ComfySession:
     return _session
 
 
-class StubServer:
-    """Stands in for ``server.PromptServer``: the executor reads ``client_id`` and ``last_node_id``
-    and reports through ``send_sync``; every message is kept so that tests can inspect them."""
+class ComfySession(ComfyHost):
+    """The repository's ComfyHost on the CPU, with every folder under a temporary root, plus what tests need:
+    model folders to drop files into, node classes by id, prompts that must validate and run, and one
+    node called the way the executor calls it.
 
-    def __init__(self) -> None:
-        self.client_id: str | None = None
-        self.last_node_id: str | None = None
-        self.last_prompt_id: str | None = None
-        self.sockets_metadata: dict = {}
-        self.messages: list[tuple[Any, Any, str | None]] = []
-
-    def send_sync(self, event, data, sid=None) -> None:
-        self.messages.append((event, data, sid))
-
-    def send_progress_text(self, text, node_id, sid=None) -> None:
-        self.messages.append(("progress_text", {"node_id": node_id, "text": text}, sid))
-
-    def queue_updated(self) -> None:
-        pass
-
-
-class _WarningCollector(logging.Handler):
-    """ComfyUI reports a pack that fails to import only through logging, so keep what it logs."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.levelname}: {record.getMessage()}")
-
-
-def _foreign_modules(comfyui_path: str) -> list[str]:
-    """Already-imported modules that carry a ComfyUI top-level name but come from elsewhere."""
-    foreign = []
-    for name in COMFYUI_TOP_LEVEL:
-        module = sys.modules.get(name)
-        origin = getattr(module, "__file__", None) if module is not None else None
-        if module is not None and (origin is None or not os.path.abspath(origin).startswith(comfyui_path + os.sep)):
-            foreign.append(f"{name} ({origin or 'namespace package'})")
-    return foreign
-
-
-class ComfySession:
-    """ComfyUI with its built-in nodes and this pack loaded, with folders under a temporary root.
-
-    Attributes: ``comfyui_path``, ``root``, ``models_dir``, ``input_dir``, ``output_dir``,
-    ``temp_dir`` (all ``Path`` except the first), ``nodes``, ``execution`` and ``folder_paths``
-    (ComfyUI's modules), ``server`` (the ``StubServer``), ``pack_module`` (the package ComfyUI
-    created for this repository, or None), ``pack_loaded`` (what ``load_custom_node`` returned),
-    ``pack_load_log`` (warnings and errors logged while loading the pack) and
-    ``builtin_import_failures`` (``comfy_extras`` files that did not import; the audio nodes do
-    not without torchaudio).
+    Attributes besides ComfyHost's: ``root``, ``models_dir``, ``input_dir``, ``output_dir``, ``temp_dir``.
     """
 
     def __init__(self, comfyui_path: str, root: str) -> None:
-        self.comfyui_path = comfyui_path
         self.root = Path(root)
-        self._put_comfyui_first_on_path()
-        self._configure_args()
-
-        import folder_paths
-
-        if os.path.abspath(folder_paths.base_path) != str(self.root):
-            raise RuntimeError(f"folder_paths was imported before the harness configured it "
-                               f"(base path {folder_paths.base_path}); its folders cannot be redirected")
-        self.folder_paths = folder_paths
-        self.models_dir = Path(folder_paths.models_dir)
-        self.input_dir = Path(folder_paths.get_input_directory())
-        self.output_dir = Path(folder_paths.get_output_directory())
-        self.temp_dir = Path(folder_paths.get_temp_directory())
+        # A pack that fails to load is kept: the pack tests report why (pack_load_log).
+        super().__init__(comfyui_path, cpu=True, base_directory=str(self.root), require_pack=False)
+        self.models_dir = Path(self.folder_paths.models_dir)
+        self.input_dir = Path(self.folder_paths.get_input_directory())
+        self.output_dir = Path(self.folder_paths.get_output_directory())
+        self.temp_dir = Path(self.folder_paths.get_temp_directory())
         for folder in (self.input_dir, self.output_dir, self.temp_dir,
                        *(self.models_dir / name for name in MODEL_FOLDERS)):
             folder.mkdir(parents=True, exist_ok=True)
-
-        # main.py's import order: ``nodes`` puts ComfyUI's ``comfy`` folder first on sys.path, and
-        # from then on ``import utils`` would find ``comfy/utils.py`` instead of the ``utils`` package.
-        import utils.extra_config  # noqa: F401
-        import comfy.model_management
-        import execution
-        import server  # noqa: F401
-        import hook_breaker_ac10a0
-        import nodes
-
-        if comfy.model_management.cpu_state != comfy.model_management.CPUState.CPU:
-            raise RuntimeError("comfy.model_management was imported before the harness selected the CPU")
-        self.nodes = nodes
-        self.execution = execution
-        self.server = StubServer()
-        self.pack_module: ModuleType | None = None
-
-        # Same bracket as main.py: ComfyUI undoes hooks that node packs put on core functions.
-        hook_breaker_ac10a0.save_functions()
-        try:
-            self.builtin_import_failures = asyncio.run(
-                nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-            self.pack_loaded, self.pack_load_log = self._load_pack()
-        finally:
-            hook_breaker_ac10a0.restore_functions()
-        self._install_server_instance()
         self._point_pack_folders_here()
         log.info("ComfyUI from %s ready under %s; pack loaded: %s", comfyui_path, root, self.pack_loaded)
-
-    # --- set-up -------------------------------------------------------------------------------
-
-    def _put_comfyui_first_on_path(self) -> None:
-        foreign = _foreign_modules(self.comfyui_path)
-        if foreign:
-            raise RuntimeError("modules with ComfyUI's names were imported from elsewhere before the harness "
-                               "ran: " + ", ".join(foreign))
-        # ComfyUI's ``nodes`` must win over this repository's ``nodes`` package, which is on
-        # sys.path too (appended by conftest, or as the working directory under ``python -m``).
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != self.comfyui_path]
-        sys.path.insert(0, self.comfyui_path)
-
-    def _configure_args(self) -> None:
-        # With argument parsing off (the default outside main.py) cli_args parses an empty list,
-        # so pytest's own argv is never read; the fields are then set by hand.  They must be set
-        # before folder_paths and comfy.model_management are imported: both read them at import.
-        import comfy.options
-        comfy.options.enable_args_parsing(False)
-        from comfy.cli_args import args
-
-        args.cpu = True
-        args.base_directory = str(self.root)
-
-    def _load_pack(self) -> tuple[bool, list[str]]:
-        # Built-in node ids are passed as ``ignore`` exactly as init_external_custom_nodes does,
-        # so a pack node that collides with a built-in one is dropped as it would be in ComfyUI.
-        builtin_ids = set(self.nodes.NODE_CLASS_MAPPINGS)
-        collector = _WarningCollector()
-        root_logger = logging.getLogger()
-        root_logger.addHandler(collector)
-        modules_before = {id(module) for module in sys.modules.values()}
-        try:
-            loaded = asyncio.run(self.nodes.load_custom_node(REPO_ROOT, builtin_ids, module_parent="custom_nodes"))
-        finally:
-            root_logger.removeHandler(collector)
-        if not loaded:
-            log.error("ComfyUI could not load the pack:\n%s", "\n".join(collector.lines))
-        self.pack_module = self._find_pack_module(modules_before)
-        return bool(loaded), collector.lines
-
-    def _install_server_instance(self) -> None:
-        # Some nodes talk to PromptServer.instance directly; in ComfyUI it always exists.
-        import server
-
-        if getattr(server.PromptServer, "instance", None) is None:
-            server.PromptServer.instance = self.server
-
-    def _find_pack_module(self, modules_before: set[int]) -> ModuleType | None:
-        # Found by file rather than by re-deriving ComfyUI's naming rule, which differs between
-        # versions; only new modules count, because pytest imports the same file as ``main``.
-        init_file = os.path.join(REPO_ROOT, "__init__.py")
-        for module in list(sys.modules.values()):
-            origin = getattr(module, "__file__", None)
-            if id(module) not in modules_before and origin and os.path.abspath(origin) == init_file:
-                return module
-        return None
 
     def _point_pack_folders_here(self) -> None:
         for name in PACK_MODEL_FOLDERS:
@@ -396,4 +255,4 @@ def _execution_text(failure: dict | None) -> str:
             f"{failure['exception_message']}\n" + "".join(failure.get("traceback") or []))
 
 
-__all__ = ["ComfySession", "StubServer", "comfy_session", "comfyui_path_or_skip", "REPO_ROOT"]
+__all__ = ["ComfySession", "comfy_session", "comfyui_path_or_skip", "REPO_ROOT"]

@@ -241,7 +241,7 @@ def test_ui_file_converts_back_to_its_api_twin(definitions, name):
 def test_ui_file_is_what_the_converter_writes(definitions, name):
     api = load_api(name)
     assert uiw.api_to_ui(api, definitions, uiw.note_text(name, api)) == load_ui(name), (
-        "example_workflows/ is stale: run COMFYUI_PATH=... python tools/ui_workflows.py")
+        "example_workflows/ is stale: run COMFYUI_PATH=... python -m tools.ui_workflows")
 
 
 @pytest.mark.comfyui

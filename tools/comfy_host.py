@@ -1,7 +1,9 @@
 """ComfyUI in this process, with this pack loaded as ComfyUI would load it from custom_nodes.
 
-Used by ``tools/run_workflow.py``.  ComfyUI keeps its state in module globals, so a process can
-host one ComfyUI only; ``ComfyHost`` must be created before anything imports ComfyUI's modules.
+The one in-process host of the repository: the runner (``tools/run_workflow.py``), the UI-workflow
+writer, the benchmarks and the tests (``tests/comfy_harness.py`` adds test conveniences on top of
+it) all boot ComfyUI through ``ComfyHost``.  ComfyUI keeps its state in module globals, so a process
+can host one ComfyUI only; ``ComfyHost`` must be created before anything imports ComfyUI's modules.
 """
 
 from __future__ import annotations
@@ -51,17 +53,64 @@ class _Server:
         pass
 
 
+# Top-level modules of ComfyUI that another package could shadow (this repository has a ``nodes``).
+COMFYUI_TOP_LEVEL = ("nodes", "execution", "folder_paths", "server", "comfy", "comfy_api", "comfy_execution",
+                     "utils", "app")
+
+
+class _WarningCollector(logging.Handler):
+    """ComfyUI reports a pack that fails to import only through logging, so keep what it logs."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+
+def _foreign_modules(comfyui_path: str) -> list[str]:
+    """Already-imported modules that carry a ComfyUI top-level name but come from elsewhere."""
+    foreign = []
+    for name in COMFYUI_TOP_LEVEL:
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None) if module is not None else None
+        if module is not None and (origin is None or not os.path.abspath(origin).startswith(comfyui_path + os.sep)):
+            foreign.append(f"{name} ({origin or 'namespace package'})")
+    return foreign
+
+
 class ComfyHost:
+    """ComfyUI with its built-in nodes and this pack loaded.
+
+    Attributes: ``comfyui_path``, ``folder_paths``, ``nodes`` and ``execution`` (ComfyUI's modules),
+    ``server`` (a stand-in for the PromptServer that records every message), ``pack_module`` (the
+    package ComfyUI made of this repository, or None), ``pack_loaded`` (what ``load_custom_node``
+    returned), ``pack_load_log`` (warnings and errors logged while the pack loaded),
+    ``builtin_import_failures`` (``comfy_extras`` files that did not import, e.g. the audio nodes
+    without torchaudio) and ``attention_backend``.  ``require_pack=False`` keeps a host whose pack
+    failed to load, for a caller that wants to report why.
+    """
+
     def __init__(self, comfyui_path: str, *, cpu: bool = False, base_directory: str | None = None,
                  output_directory: str | None = None, input_directory: str | None = None,
-                 on_event: EventFn | None = None, attention: str | None = None, unet_dtype: str | None = None):
+                 on_event: EventFn | None = None, attention: str | None = None, unet_dtype: str | None = None,
+                 require_pack: bool = True):
         self.comfyui_path = os.path.abspath(comfyui_path)
         if not os.path.isfile(os.path.join(self.comfyui_path, "main.py")):
             raise FileNotFoundError(f"{self.comfyui_path} is not a ComfyUI folder (no main.py)")
-        # ComfyUI's own ``nodes`` module must win over this repository's ``nodes`` package.
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) not in (self.comfyui_path, REPO_ROOT)]
+        foreign = _foreign_modules(self.comfyui_path)
+        if foreign:
+            raise RuntimeError("modules with ComfyUI's names were imported from elsewhere before ComfyUI was set up: "
+                               + ", ".join(foreign))
+        # ComfyUI's own ``nodes`` must win over this repository's ``nodes`` package, which may be on
+        # sys.path too (the working directory, or the tests' repository root): ComfyUI goes first.
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != self.comfyui_path]
         sys.path.insert(0, self.comfyui_path)
 
+        # With argument parsing off (the default outside main.py) cli_args parses an empty list, so
+        # the caller's argv is never read; the fields are set by hand before folder_paths and
+        # comfy.model_management are imported, as both read them at import.
         import comfy.options
 
         comfy.options.enable_args_parsing(False)
@@ -78,43 +127,69 @@ class ComfyHost:
         args.base_directory = base_directory or self.comfyui_path
         import folder_paths
 
+        if os.path.realpath(folder_paths.base_path) != os.path.realpath(args.base_directory):
+            raise RuntimeError(f"folder_paths was imported before ComfyHost configured it (base path "
+                               f"{folder_paths.base_path}); its folders cannot be redirected")
         if output_directory:
             folder_paths.set_output_directory(output_directory)
         if input_directory:
             folder_paths.set_input_directory(input_directory)
         self.folder_paths = folder_paths
 
-        import utils.extra_config  # main.py imports it before ``nodes`` shadows ``utils``
+        # main.py's import order: ``nodes`` puts ComfyUI's ``comfy`` folder first on sys.path, and
+        # from then on ``import utils`` would find ``comfy/utils.py`` instead of the ``utils`` package.
+        import utils.extra_config
 
         yaml_path = os.path.join(self.comfyui_path, "extra_model_paths.yaml")
         if os.path.isfile(yaml_path):
             utils.extra_config.load_extra_path_config(yaml_path)
+        import comfy.model_management
         import comfy.utils
         import execution
         import hook_breaker_ac10a0
         import nodes
         import server
 
+        if cpu and comfy.model_management.cpu_state != comfy.model_management.CPUState.CPU:
+            raise RuntimeError("comfy.model_management was imported before ComfyHost selected the CPU")
         self.nodes, self.execution = nodes, execution
         import comfy.ldm.modules.attention
 
         self.attention_backend = comfy.ldm.modules.attention.optimized_attention.__name__
         logger.info("ComfyUI attention backend: %s", self.attention_backend)
         self.server = _Server(on_event or (lambda event, data: None))
+        # Some nodes talk to PromptServer.instance directly; in ComfyUI it always exists.
         server.PromptServer.instance = getattr(server.PromptServer, "instance", None) or self.server
         comfy.utils.set_progress_bar_global_hook(self._progress)
+        self.pack_module: ModuleType | None = None
+        # Same bracket as main.py: ComfyUI undoes hooks that node packs put on core functions.
         hook_breaker_ac10a0.save_functions()
         try:
-            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-            builtin = set(nodes.NODE_CLASS_MAPPINGS)
-            modules_before = {id(module) for module in sys.modules.values()}
-            self.pack_loaded = asyncio.run(nodes.load_custom_node(REPO_ROOT, builtin, module_parent="custom_nodes"))
+            self.builtin_import_failures = asyncio.run(
+                nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+            self.pack_loaded, self.pack_load_log = self._load_pack()
         finally:
             hook_breaker_ac10a0.restore_functions()
-        if not self.pack_loaded:
-            raise RuntimeError("ComfyUI could not import the ConsistentID pack; see the log above")
-        self.pack_module = _pack_module(modules_before)
+        if require_pack and not self.pack_loaded:
+            raise RuntimeError("ComfyUI could not import the ConsistentID pack:\n" + "\n".join(self.pack_load_log))
         self._cached_executor = None
+
+    def _load_pack(self) -> tuple[bool, list[str]]:
+        # Built-in node ids are passed as ``ignore`` exactly as init_external_custom_nodes does, so a
+        # pack node that collides with a built-in one is dropped as it would be in ComfyUI.
+        builtin = set(self.nodes.NODE_CLASS_MAPPINGS)
+        collector = _WarningCollector()
+        root_logger = logging.getLogger()
+        root_logger.addHandler(collector)
+        modules_before = {id(module) for module in sys.modules.values()}
+        try:
+            loaded = asyncio.run(self.nodes.load_custom_node(REPO_ROOT, builtin, module_parent="custom_nodes"))
+        finally:
+            root_logger.removeHandler(collector)
+        if not loaded:
+            logger.error("ComfyUI could not load the pack:\n%s", "\n".join(collector.lines))
+        self.pack_module = _pack_module(modules_before)
+        return bool(loaded), collector.lines
 
     def _progress(self, value, total, preview_image=None, prompt_id=None, node_id=None):
         import comfy.model_management

@@ -21,6 +21,8 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # run as a script (run.sh): the repository's packages, ``tools`` among them
+    sys.path.append(REPO_ROOT)
 WORKFLOW_DIR = os.path.join(REPO_ROOT, "example_workflows", "api")
 PROMPT_NODES = {"ConsistentIDApply", "ConsistentIDConditioning"}
 INSIGHTFACE_FILES = ("det_10g.onnx", "w600k_r50.onnx")
@@ -174,14 +176,12 @@ def main(argv=None) -> int:
     base = None
     if args.smoke:
         print("SMOKE MODE: random weights, the pictures are NOISE. This only checks that the install works.")
-        sys.path.insert(0, REPO_ROOT)  # tools/ and the repository's helpers
         from tools import smoke_models
 
         base = tempfile.mkdtemp(prefix="consistentid-smoke-")
         # Its model files are links to (or, across file systems, copies of) the cached stand-ins.
         atexit.register(shutil.rmtree, base, ignore_errors=True)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from comfy_host import ComfyHost, WorkflowError
+    from tools.comfy_host import ComfyHost, WorkflowError
 
     cpu = args.cpu or args.smoke or not has_accelerator()
     attention = args.attention if args.attention != "auto" else ("pytorch" if cpu else None)

@@ -12,9 +12,6 @@ import os
 import numpy as np
 from PIL import Image
 
-# Imported now: ComfyHost takes the repository root off sys.path to protect ComfyUI's ``nodes``.
-import training.attention_processors  # noqa: F401
-import consistentid_core.model.networks  # noqa: F401
 from tools import random_models
 from tools.insightface_standins import make_buffalo_l, red_square_image
 

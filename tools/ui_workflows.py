@@ -3,9 +3,9 @@
 The API format (what ``/prompt`` takes) names every input; the UI format (LiteGraph, what
 ComfyUI's frontend saves and opens) keeps widget values as a bare list whose order the frontend
 derives from the node definitions.  So the converter needs those definitions and runs inside a
-real ComfyUI with this pack loaded (see tests/comfy_harness.py)::
+real ComfyUI with this pack loaded (tools/comfy_host.py)::
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/ui_workflows.py
+    COMFYUI_PATH=/path/to/ComfyUI python -m tools.ui_workflows      # from the repository root
 
 ``api_to_ui`` and its inverse ``ui_to_api`` themselves need no ComfyUI: they take node
 definitions shaped like the server's ``/object_info`` entries, which is what the frontend reads.
@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -567,13 +568,11 @@ def convert_all(defs: dict[str, dict], api_dir: str = API_DIR, ui_dir: str = UI_
 
 def comfy_definitions(node_types) -> dict[str, dict]:
     """object_info entries read from a ComfyUI set up in this process with the pack loaded."""
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from comfy_harness import comfy_session
+    from tools.comfy_host import ComfyHost
 
-    session = comfy_session()
-    if not session.pack_loaded:
-        raise RuntimeError("ComfyUI did not load the pack:\n" + "\n".join(session.pack_load_log))
-    return {node_type: object_info(session.nodes, node_type) for node_type in node_types}
+    with tempfile.TemporaryDirectory(prefix="cid-ui-workflows-") as base:
+        host = ComfyHost(os.environ["COMFYUI_PATH"], cpu=True, base_directory=base)
+        return {node_type: object_info(host.nodes, node_type) for node_type in node_types}
 
 
 def main() -> int:
