@@ -4,6 +4,8 @@ The repository root is appended (not prepended) to sys.path: ComfyUI has its own
 module called ``nodes``, and the ComfyUI tests must find that one, not this pack's folder.
 """
 
+import ctypes
+import gc
 import os
 import random
 import sys
@@ -42,6 +44,23 @@ def pytest_collection_modifyitems(session, config, items):
     first = [item for item in items if os.path.basename(str(item.fspath)) in RUN_FIRST]
     if first:
         items[:] = first + [item for item in items if item not in first]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_models_after_each_module():
+    """After each test module: ComfyUI unloads every model it still holds (its list keeps each module's
+    UNets alive otherwise), and the freed heap goes back to the system.  The whole suite runs in one
+    process, and without this it grew past 24 GB by the middle of the ComfyUI tests."""
+    yield
+    management = sys.modules.get("comfy.model_management")
+    if management is not None:
+        management.unload_all_models()
+        management.soft_empty_cache()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages of a large heap otherwise
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # The face-node test files (test_comfy_face_*.py, test_comfy_model_files.py, test_comfy_embeds_files.py)
