@@ -4,8 +4,6 @@ The repository root is appended (not prepended) to sys.path: ComfyUI has its own
 module called ``nodes``, and the ComfyUI tests must find that one, not this pack's folder.
 """
 
-import ctypes
-import gc
 import os
 import random
 import sys
@@ -37,7 +35,8 @@ def pytest_runtest_setup(item):
 # Tests that start a memory-hungry process of their own (an SDXL graph: about 21 GB at its peak)
 # run first, while this process is still small: ComfyUI tests that run in this process keep
 # gigabytes of allocator pages that would add to the child's peak.
-RUN_FIRST = ("test_comfy_sdxl_workflows.py",)
+# The SD1.5 workflow tests follow, while this process is still small: each loads a checkpoint of its own.
+RUN_FIRST = ("test_comfy_sdxl_workflows.py", "test_comfy_workflows.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -48,19 +47,12 @@ def pytest_collection_modifyitems(session, config, items):
 
 @pytest.fixture(autouse=True, scope="module")
 def release_models_after_each_module():
-    """After each test module: ComfyUI unloads every model it still holds (its list keeps each module's
-    UNets alive otherwise), and the freed heap goes back to the system.  The whole suite runs in one
-    process, and without this it grew past 24 GB by the middle of the ComfyUI tests."""
+    """After each test module ComfyUI unloads every model it still holds and the freed heap goes back to
+    the system (comfy_harness.release_process_memory); without it the one-process suite grew past 24 GB."""
     yield
-    management = sys.modules.get("comfy.model_management")
-    if management is not None:
-        management.unload_all_models()
-        management.soft_empty_cache()
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages of a large heap otherwise
-    except (OSError, AttributeError):  # not glibc
-        pass
+    from comfy_harness import release_process_memory
+
+    release_process_memory()
 
 
 # The face-node test files (test_comfy_face_*.py, test_comfy_model_files.py, test_comfy_embeds_files.py)

@@ -28,6 +28,8 @@ def session(tmp_path_factory):
 
 
 def _run(session, name):
+    # Each workflow loads its own checkpoint copy; the previous runs' models must not pile up (24 GB).
+    session.release_memory()
     from tools import smoke_models
 
     with open(os.path.join(WORKFLOWS, f"{name}_api.json")) as f:
